@@ -1,0 +1,1 @@
+"""Lightning callbacks of diep_lightning, installed as ``diep_lightning.callbacks``."""
