@@ -75,3 +75,12 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> PreTrainedMo
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0.0, 0.05)
     return model.eval()
+
+
+def save_tiny_model(model_type: str, directory: str, tokenizer: Any, seed: int = 0, **overrides: Any) -> str:
+    """Save a tiny random model of the family with ``tokenizer`` (vocab sized to it) into ``directory``."""
+    vocab = len(tokenizer)
+    model = tiny_model(model_type, seed=seed, vocab_size=vocab, **overrides)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -1,0 +1,325 @@
+"""Apply a pruning plan to a model and write an export that is really smaller and loads anywhere.
+
+An export directory holds safetensors weights, ``config.json``, the tokenizer, a model card, ``pruning.json``
+(enough to rebuild the pruned model from the original), plots, and, when layers keep different expert
+counts, ``modeling_diep.py`` with an ``auto_map`` so that stock
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` loads it. A uniform export is a plain
+checkpoint of the original architecture with a smaller expert count: stock ``from_pretrained(path)`` loads it.
+Exports are written to a temporary folder and renamed when complete; nothing is silently overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diep_lightning.families import MoEFamily, get_family
+from diep_lightning.pruned_model import modeling_file_source, shrink_to_layout
+from diep_lightning.pruning import PruningPlan
+
+PRUNING_FILE = "pruning.json"
+FORMAT_VERSION = 1
+
+
+def expert_bytes(model: nn.Module, family: MoEFamily | None = None) -> tuple[int, int]:
+    """(parameter count, bytes) of the routed experts' tensors."""
+    family = family or get_family(model)
+    params = [p for block in family.blocks(model) for p in block.experts.parameters()]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def model_bytes(model: nn.Module) -> tuple[int, int]:
+    """(parameter count, bytes) of the whole model (tied weights counted once)."""
+    seen: dict[int, torch.Tensor] = {id(p): p for p in model.parameters()}
+    return sum(p.numel() for p in seen.values()), sum(p.numel() * p.element_size() for p in seen.values())
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan, family: MoEFamily | None = None) -> None:
+    """Merge (if the plan has merge groups) then physically remove the plan's experts, in place."""
+    family = family or get_family(model)
+    blocks = family.blocks(model)
+    if len(blocks) != len(plan.removed):
+        raise ValueError(f"plan: made for {len(plan.removed)} MoE layers, the model has {len(blocks)}")
+    for block, removed, merges in zip(blocks, plan.removed, plan.merges or [{}] * len(blocks)):
+        for survivor, group in merges.items():
+            family.merge_experts(block, int(survivor), [int(m) for m in group["members"]], group["weights"])
+        family.remove_experts(block, removed)
+
+
+def layout(model: nn.Module, family: MoEFamily | None = None) -> list[dict[str, int] | None]:
+    """Per decoder layer: None (dense) or the block's expert count and router grouping."""
+    family = family or get_family(model)
+    spec: list[dict[str, int] | None] = [None] * len(family.decoder_layers(model))
+    for block in family.blocks(model):
+        entry: dict[str, int] = {"num_experts": block.num_experts}
+        if getattr(block.router, "num_group", None) is not None:
+            entry["num_group"] = int(block.router.num_group)
+            entry["topk_group"] = int(block.router.topk_group)
+        spec[block.layer_idx] = entry
+    return spec
+
+
+def _is_uniform(spec: list[dict[str, int] | None]) -> bool:
+    moe = [s for s in spec if s]
+    return all(s == moe[0] for s in moe)
+
+
+@contextmanager
+def atomic_directory(final: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``final`` only when the body completes."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"export_dir: {final} already exists; choose another export_dir or set overwrite=True")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(final.parent, os.W_OK):
+        raise PermissionError(f"export_dir: cannot write in {final.parent}; choose a writable export_dir")
+    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _plot(plan: PruningPlan, spec_counts: list[int], directory: Path) -> dict[str, Any]:
+    """Experts kept per layer and a heatmap of the scores; returns the matplotlib figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(spec_counts) + 2), 3))
+    ax.bar(range(len(spec_counts)), spec_counts, color="tab:blue")
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("experts kept")
+    ax.set_title(f"{plan.mode} pruning, sparsity {plan.sparsity:.2f}")
+    fig.tight_layout()
+    fig.savefig(directory / "experts_per_layer.png", dpi=100)
+    figures["experts_per_layer"] = fig
+    width = max(len(s) for s in plan.scores)
+    grid = torch.full((len(plan.scores), width), float("nan"))
+    for i, row in enumerate(plan.scores):
+        grid[i, : len(row)] = torch.tensor(row)
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * width + 2), max(3, 0.3 * len(plan.scores) + 1)))
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    for layer, removed in enumerate(plan.removed):
+        ax.scatter(removed, [layer] * len(removed), marker="x", color="red", s=12)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title("expert scores (x = removed)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(directory / "expert_scores.png", dpi=100)
+    figures["expert_scores"] = fig
+    for f in figures.values():
+        plt.close(f)
+    return figures
+
+
+def _model_card(source: str, plan: PruningPlan, counts: list[int], before: dict[str, int], after: dict[str, int],
+                uniform: bool, method: str) -> str:
+    rows = "\n".join(f"| {i} | {len(s)} | {n} |" for i, (s, n) in enumerate(zip(plan.scores, counts)))
+    load = ("AutoModelForCausalLM.from_pretrained(path)" if uniform
+            else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+    pct = lambda a, b: f"{100.0 * (1 - a / b):.1f}%" if b else "n/a"  # noqa: E731
+    return f"""---
+library_name: transformers
+tags: [mixture-of-experts, pruning, diep]
+---
+# Pruned with diep_lightning
+
+- Source model: `{source}`
+- Method: {method}, mode `{plan.mode}`, expert sparsity {plan.sparsity:.3f}
+- Experts removed: {plan.num_removed} of {sum(len(s) for s in plan.scores)}
+- Merged: {"yes" if any(plan.merges) else "no"}; adaptive skipping calibrated: {"yes" if "skip_gammas" in plan.extra else "no"}
+
+| | parameters | bytes |
+|---|---|---|
+| whole model before | {before['params']:,} | {before['bytes']:,} |
+| whole model after | {after['params']:,} | {after['bytes']:,} ({pct(after['bytes'], before['bytes'])} smaller) |
+| routed experts before | {before['expert_params']:,} | {before['expert_bytes']:,} |
+| routed experts after | {after['expert_params']:,} | {after['expert_bytes']:,} ({pct(after['expert_bytes'], before['expert_bytes'])} smaller) |
+
+| MoE layer | experts before | experts kept |
+|---|---|---|
+{rows}
+
+Load: `{load}`, or `diep_lightning.load_pruned(path)`.
+`pruning.json` lists, per layer, the original ids of the kept experts and the scores that chose them.
+"""
+
+
+def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.PathLike, *, source: str,
+                  original: dict[str, int], tokenizer: Any = None, overwrite: bool = False,
+                  method: str = "DiEP", extra_files: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write an already-pruned model and its plan to ``export_dir`` (atomically).
+
+    Args:
+        model: the pruned model (``apply_plan`` already done).
+        plan: the plan that was applied.
+        export_dir: final directory.
+        source: the source model's path or hub id (recorded, never written to).
+        original: sizes before pruning, from :func:`size_report`.
+        tokenizer: saved with the model when given.
+        overwrite: replace an existing ``export_dir``.
+        method: name recorded in the model card and ``pruning.json``.
+        extra_files: more text files to write (name -> content).
+
+    Returns:
+        The export path and the figures (for loggers).
+    """
+    family = get_family(model)
+    spec = layout(model, family)
+    uniform = _is_uniform(spec)
+    counts = [s["num_experts"] for s in spec if s]
+    after = size_report(model, family)
+    with atomic_directory(Path(export_dir), overwrite) as tmp:
+        config = model.config
+        saved_attrs = {k: getattr(config, k, None) for k in ("auto_map", "diep_layers", "architectures")}
+        base_cls = type(model)
+        try:
+            config.diep_layers = spec
+            if uniform:
+                moe = next(s for s in spec if s)
+                setattr(config, family.num_experts_config_attr, moe["num_experts"])
+                if "num_group" in moe:
+                    config.n_group, config.topk_group = moe["num_group"], moe["topk_group"]
+            else:
+                config.auto_map = {"AutoModelForCausalLM": f"modeling_diep.DiEPPruned{base_cls.__name__}"}
+                (tmp / "modeling_diep.py").write_text(
+                    modeling_file_source(base_cls, family.block_attr, family.router_attr))
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            for key, value in saved_attrs.items():
+                if value is None and hasattr(config, key) and key != "architectures":
+                    delattr(config, key)
+                elif value is not None:
+                    setattr(config, key, value)
+        if not uniform:  # save_pretrained rewrote architectures; keep the stock name for tools that read it
+            cfg_path = tmp / "config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["architectures"] = [base_cls.__name__]
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record = {
+            "format_version": FORMAT_VERSION,
+            "source_model": source,
+            "model_type": model.config.model_type,
+            "method": method,
+            "uniform": uniform,
+            "layers": [
+                {"moe_layer": i, "decoder_layer": layer_idx, "experts_before": len(scores), "kept": kept,
+                 "removed": removed, "scores": scores, "merges": {str(k): v for k, v in merges.items()}}
+                for i, (layer_idx, kept, removed, scores, merges) in enumerate(zip(
+                    [j for j, s in enumerate(spec) if s], plan.kept, plan.removed, plan.scores,
+                    plan.merges or [{}] * len(plan.kept)))
+            ],
+            "plan": plan.to_dict(),
+            "sizes": {"before": original, "after": after},
+        }
+        (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2))
+        (tmp / "README.md").write_text(_model_card(source, plan, counts, original, after, uniform, method))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(content)
+        figures = _plot(plan, counts, tmp)
+    return Path(export_dir), figures
+
+
+def size_report(model: nn.Module, family: MoEFamily | None = None) -> dict[str, int]:
+    """Parameter and byte counts of the whole model and of its routed experts."""
+    params, nbytes = model_bytes(model)
+    eparams, ebytes = expert_bytes(model, family)
+    return {"params": params, "bytes": nbytes, "expert_params": eparams, "expert_bytes": ebytes}
+
+
+def read_pruning_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``pruning.json`` of an export, checked against its ``config.json``."""
+    path = Path(path)
+    record_path = path / PRUNING_FILE
+    if not record_path.is_file():
+        raise FileNotFoundError(f"path: {path} has no {PRUNING_FILE}; it is not a diep_lightning export")
+    record = json.loads(record_path.read_text())
+    config = json.loads((path / "config.json").read_text())
+    kept = [len(layer["kept"]) for layer in record["layers"]]
+    spec = [s["num_experts"] for s in (config.get("diep_layers") or []) if s]
+    if spec and spec != kept:
+        raise ValueError(f"path: {PRUNING_FILE} lists {kept} experts per layer but config.json has {spec}; the "
+                         "export was modified or mixed with another one; re-export it")
+    return record
+
+
+def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, skipping: bool = True,
+                device: str | torch.device | None = None) -> nn.Module:
+    """Load a diep_lightning export as a transformers model (no remote code needed).
+
+    Args:
+        path: export directory.
+        dtype: weights' dtype (default: as saved).
+        skipping: re-install adaptive expert skipping when the export has calibrated gammas.
+        device: where to put the model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    record = read_pruning_record(path)
+    config = AutoConfig.from_pretrained(path)
+    auto_map = getattr(config, "auto_map", None)
+    if auto_map:
+        config.auto_map = None
+    spec = getattr(config, "diep_layers", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if spec and not _is_uniform(spec):
+        model_cls = pruned_model_class(config)
+    else:
+        model_cls = AutoModelForCausalLM
+    model, info = model_cls.from_pretrained(path, config=config, dtype=dtype or "auto", output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ValueError(f"path: the weights in {path} do not match its recorded layout ({problems}); the export "
+                         "is incomplete or was modified; re-export it")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    gammas = record.get("plan", {}).get("extra", {}).get("skip_gammas")
+    if skipping and gammas:
+        from diep_lightning.skipping import install_skipping_from_record
+
+        install_skipping_from_record(model, record)
+    return model
+
+
+def pruned_model_class(config: Any) -> type:
+    """The stock ``*ForCausalLM`` class of ``config``, subclassed to shrink its layers to ``config.diep_layers``
+    before weights load (the in-process twin of the export's ``modeling_diep.py``)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    base_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    family = get_family(config)
+
+    class DiEPPruned(base_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            shrink_to_layout(self, config.diep_layers, family.block_attr, family.router_attr)
+
+    DiEPPruned.__name__ = DiEPPruned.__qualname__ = f"DiEPPruned{base_cls.__name__}"
+    return DiEPPruned

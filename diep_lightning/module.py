@@ -1,0 +1,378 @@
+"""The DiEP search as a LightningModule: learn per-expert logits a^(l) and per-layer scalars b^(l) on a frozen MoE.
+
+See ``docs``/method: the student is the frozen model with each chosen expert's routing weight multiplied by
+``beta^(l) * s(alpha_i^(l))``; the teacher is the very same weights with that scaling switched off, run
+under ``no_grad`` (no second copy of the model). Loss = CE(student) + lambda * reconstruction, optimised by
+alternating blocks of alpha steps and beta steps (paper: 3:1), each with its own optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from diep_lightning.families import MoEBlock, get_family
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_ratio(ratio: str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Parse an alpha:beta step ratio such as ``"3:1"``.
+
+    Raises:
+        ValueError: one line naming ``alpha_beta_ratio`` and the expected form.
+    """
+    try:
+        if isinstance(ratio, str):
+            parts = [int(p) for p in ratio.split(":")]
+        else:
+            parts = [int(p) for p in ratio]
+        if len(parts) != 2 or min(parts) < 0 or sum(parts) == 0:
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"alpha_beta_ratio: expected 'A:B' with non-negative integers not both 0 (e.g. '3:1'), got {ratio!r}"
+        ) from None
+    return parts[0], parts[1]
+
+
+def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=5e-3)
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """Return a local directory or a hub id; fail in one line when a local-looking path does not exist."""
+    path = Path(os.path.expanduser(model_name_or_path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model_name_or_path: {model_name_or_path!r} has no config.json; point it at a "
+                             "Hugging Face model directory")
+        return str(path)
+    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"model_name_or_path: {model_name_or_path!r} does not exist; give a model "
+                                "directory or a hub id 'org/name'")
+    return model_name_or_path
+
+
+def load_config(model_name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """Load only the config (cheap), so that bad input fails before weights are read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"model_name_or_path: cannot load a config from {model_name_or_path!r} ({first})") from None
+
+
+class DiEPModule(LightningModule):
+    """Differentiable Expert Pruning search on a frozen MoE model.
+
+    Args:
+        model_name_or_path: local model directory or hub id.
+        dtype: weights' dtype ("float32", "bfloat16", "float16").
+        lam: weight lambda of the reconstruction term (paper: 0.01).
+        reconstruction: which outputs are matched: every MoE block's output ("blocks", default) or the final
+            hidden state ("final_hidden").
+        reconstruction_reduction: "mean" (default): squared L2 error per token averaged over tokens, summed
+            over layers; "sum": squared Frobenius norm summed over tokens and layers (the literal eq. 6).
+        alpha_beta_ratio: consecutive alpha steps : beta steps, e.g. "3:1".
+        alpha_scaling: "n_softmax" (default): s(alpha) = N * softmax(a), so the relaxed model equals the
+            original at initialisation; "softmax": the paper's literal alpha.
+        alpha_optimizer / beta_optimizer: optimizer factories (default Adam, lr 5e-3).
+        alpha_scheduler / beta_scheduler: scheduler factories; default: cosine annealing over each
+            optimizer's own number of steps.
+        gradient_clip_val: max gradient norm of each step's parameters (None: no clipping). Clipping is done
+            by hand because manual optimization ignores the Trainer's clipping.
+        trust_remote_code: passed to transformers.
+        experts_implementation: transformers experts kernel ("eager", "batched_mm", "grouped_mm"; None:
+            transformers' default).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        lam: float = 0.01,
+        reconstruction: Literal["blocks", "final_hidden"] = "blocks",
+        reconstruction_reduction: Literal["mean", "sum"] = "mean",
+        alpha_beta_ratio: str = "3:1",
+        alpha_scaling: Literal["n_softmax", "softmax"] = "n_softmax",
+        alpha_optimizer: OptimizerCallable = _default_optimizer,
+        beta_optimizer: OptimizerCallable = _default_optimizer,
+        alpha_scheduler: LRSchedulerCallable | None = None,
+        beta_scheduler: LRSchedulerCallable | None = None,
+        gradient_clip_val: float | None = 1.0,
+        trust_remote_code: bool = False,
+        experts_implementation: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+            raise ValueError(f"lam: the reconstruction weight must be a finite number >= 0, got {lam!r}")
+        if reconstruction not in ("blocks", "final_hidden"):
+            raise ValueError(f"reconstruction: expected 'blocks' or 'final_hidden', got {reconstruction!r}")
+        if reconstruction_reduction not in ("mean", "sum"):
+            raise ValueError(f"reconstruction_reduction: expected 'mean' or 'sum', got {reconstruction_reduction!r}")
+        if alpha_scaling not in ("n_softmax", "softmax"):
+            raise ValueError(f"alpha_scaling: expected 'n_softmax' or 'softmax', got {alpha_scaling!r}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val: must be > 0 or null, got {gradient_clip_val!r}")
+        self.ratio = parse_ratio(alpha_beta_ratio)
+        self.model_path = resolve_model_path(model_name_or_path)
+        self.hf_config = load_config(self.model_path, trust_remote_code)
+        self.family = get_family(self.hf_config)  # unknown / dense model types fail here, before any weight
+        self.save_hyperparameters(ignore=["alpha_optimizer", "beta_optimizer", "alpha_scheduler", "beta_scheduler"])
+        self.alpha_optimizer, self.beta_optimizer = alpha_optimizer, beta_optimizer
+        self.alpha_scheduler, self.beta_scheduler = alpha_scheduler, beta_scheduler
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable state, not the frozen model
+        self.model: nn.Module | None = None
+        self.blocks: list[MoEBlock] = []
+        self.alpha_logits = nn.ParameterList()
+        self.beta = nn.ParameterList()
+        self._scaling = None
+        self._captured: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Load the frozen model once (idempotent), create alpha/beta, install the scaling hooks, and shard
+        decoder layers with FSDP2 under ``ModelParallelStrategy``."""
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = dict(dtype=DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code)
+        if self.hparams.experts_implementation:
+            kwargs["experts_implementation"] = self.hparams.experts_implementation
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+        model.requires_grad_(False)
+        model.eval()  # PhiMoE routes randomly and Mixtral adds jitter in train mode
+        self.model = model
+        self.blocks = self.family.blocks(model)
+        if not self.blocks:
+            raise ValueError(f"model_name_or_path: {self.model_path!r} has no sparse MoE layer to prune")
+        self.family.check_model(model)
+        if not len(self.alpha_logits):
+            for block in self.blocks:
+                self.alpha_logits.append(nn.Parameter(torch.zeros(block.num_experts)))
+                self.beta.append(nn.Parameter(torch.ones(())))
+        self._scaling = self.family.install_scaling(self.blocks, self.expert_scale)
+        self._capture_handles = [block.module.register_forward_hook(self._capture_hook(block.index))
+                                 for block in self.blocks]
+        self._maybe_shard()
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning may switch submodules to train mode; the frozen model must route deterministically.
+        self.model.eval()
+
+    def release_model(self) -> nn.Module | None:
+        """The frozen model without the search's hooks, ready to be pruned.
+
+        Single process, unsharded: this very model (no second copy in memory); the module cannot search
+        any more afterwards. Sharded (FSDP2): a fresh full copy loaded on global rank 0 (None on other ranks),
+        so pruning never needs gathered shards.
+        """
+        if self.model is None:
+            raise RuntimeError("release_model: no model loaded; call it after fit")
+        if getattr(self, "device_mesh", None) is not None:
+            if self.trainer.is_global_zero:
+                from transformers import AutoModelForCausalLM
+
+                return AutoModelForCausalLM.from_pretrained(
+                    self.model_path, dtype=DTYPES[self.hparams.dtype],
+                    trust_remote_code=self.hparams.trust_remote_code).eval()
+            return None
+        if self._scaling is not None:
+            self._scaling.remove()
+            self._scaling = None
+        for handle in getattr(self, "_capture_handles", []):
+            handle.remove()
+        self._capture_handles = []
+        return self.model
+
+    def load_tokenizer(self) -> Any:
+        """The tokenizer stored with the source model (None if it has none)."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.hparams.trust_remote_code)
+        except (OSError, ValueError):
+            return None
+
+    def _maybe_shard(self) -> None:
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        for layer in self.family.decoder_layers(self.model):
+            fully_shard(layer, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
+
+    def _capture_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._capturing:
+                self._captured[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    _capturing = False
+
+    # ------------------------------------------------------------------ the search space
+    def alphas(self) -> list[torch.Tensor]:
+        """alpha^(l) = softmax(a^(l)) for each MoE block."""
+        return [torch.softmax(a, dim=0) for a in self.alpha_logits]
+
+    def expert_scale(self, index: int) -> torch.Tensor:
+        """Per-expert multiplier of block ``index``'s routing weights: beta * s(alpha)."""
+        alpha = torch.softmax(self.alpha_logits[index], dim=0)
+        if self.hparams.alpha_scaling == "n_softmax":
+            alpha = alpha * alpha.numel()
+        return self.beta[index] * alpha
+
+    def expert_scores(self) -> list[torch.Tensor]:
+        """Pruning scores alpha_i^(l) * beta^(l) (eq. 10), detached, on CPU."""
+        return [(torch.softmax(a.detach(), 0) * b.detach()).float().cpu() for a, b in zip(self.alpha_logits, self.beta)]
+
+    # ------------------------------------------------------------------ forward passes
+    def _run(self, batch: dict[str, torch.Tensor], with_labels: bool) -> tuple[Any, dict[int, torch.Tensor]]:
+        self._captured = {}
+        self._capturing = self.hparams.reconstruction == "blocks"
+        try:
+            out = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                labels=batch["input_ids"] if with_labels else None,
+                output_hidden_states=self.hparams.reconstruction == "final_hidden",
+                use_cache=False,
+            )
+        finally:
+            self._capturing = False
+        captured = self._captured
+        if self.hparams.reconstruction == "final_hidden":
+            captured = {0: out.hidden_states[-1]}
+        return out, captured
+
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CE of the student, reconstruction against the teacher, and their weighted sum."""
+        with torch.no_grad(), self._scaling.disabled():
+            _, teacher = self._run(batch, with_labels=False)
+        student_out, student = self._run(batch, with_labels=True)
+        mask = batch.get("attention_mask")
+        recon = student_out.loss.new_zeros(())
+        for key, y_s in student.items():
+            diff = (y_s.float() - teacher[key].float()).pow(2).sum(-1)  # (B, T)
+            if mask is not None:
+                diff = diff * mask
+            if self.hparams.reconstruction_reduction == "mean":
+                denom = mask.sum() if mask is not None else diff.numel()
+                recon = recon + diff.sum() / denom
+            else:
+                recon = recon + diff.sum()
+        ce = student_out.loss
+        return {"ce": ce, "reconstruction": recon, "loss": ce + self.hparams.lam * recon}
+
+    def forward(self, **batch: Any) -> Any:
+        return self.model(**batch)
+
+    # ------------------------------------------------------------------ optimisation
+    def current_phase(self) -> str:
+        """"alpha" or "beta": which block of the alternating schedule the next step belongs to.
+
+        Derived from ``global_step`` (one optimizer step per batch), so a resumed run continues the cycle."""
+        n_alpha, n_beta = self.ratio
+        return "alpha" if self.global_step % (n_alpha + n_beta) < n_alpha else "beta"
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        opt_alpha, opt_beta = self.optimizers()
+        sched_alpha, sched_beta = self.lr_schedulers()
+        phase = self.current_phase()
+        losses = self.compute_losses(batch)
+        if not torch.isfinite(losses["loss"]):
+            raise FloatingPointError(
+                f"loss: non-finite loss ({losses['loss'].item()}) at step {self.global_step}; the last good "
+                "alpha/beta are in the last checkpoint; lower the learning rate or lambda"
+            )
+        opt_alpha.zero_grad(set_to_none=True)
+        opt_beta.zero_grad(set_to_none=True)
+        self.manual_backward(losses["loss"])
+        self._sync_replicated_grads()
+        params = list(self.alpha_logits) if phase == "alpha" else list(self.beta)
+        if self.hparams.gradient_clip_val is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.hparams.gradient_clip_val)
+        if phase == "alpha":
+            opt_alpha.step()
+            sched_alpha.step()
+        else:
+            opt_beta.step()
+            sched_beta.step()
+        self._log_step(losses, phase, opt_alpha, opt_beta)
+        return losses["loss"]
+
+    def _sync_replicated_grads(self) -> None:
+        """Average alpha/beta gradients across ranks under FSDP2 (DDP does this itself)."""
+        if getattr(self, "device_mesh", None) is None or not torch.distributed.is_initialized():
+            return
+        world = torch.distributed.get_world_size()
+        for p in [*self.alpha_logits, *self.beta]:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad.div_(world)
+
+    def _log_step(self, losses: dict[str, torch.Tensor], phase: str, opt_alpha: Any, opt_beta: Any) -> None:
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, on_step=True,
+                      on_epoch=True, sync_dist=False)
+        metrics: dict[str, float] = {
+            "train/phase_alpha": float(phase == "alpha"),
+            "lr/alpha": opt_alpha.param_groups[0]["lr"],
+            "lr/beta": opt_beta.param_groups[0]["lr"],
+        }
+        for i, (alpha, beta) in enumerate(zip(self.alphas(), self.beta)):
+            alpha = alpha.detach().float()
+            metrics[f"beta/layer_{i}"] = float(beta.detach())
+            metrics[f"alpha_entropy/layer_{i}"] = float(-(alpha * alpha.clamp_min(1e-12).log()).sum())
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self) -> Any:
+        opt_alpha = self.alpha_optimizer(list(self.alpha_logits))
+        opt_beta = self.beta_optimizer(list(self.beta))
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        n_alpha, n_beta = self.ratio
+        steps_alpha = max(1, math.ceil(total * n_alpha / (n_alpha + n_beta)))
+        steps_beta = max(1, math.ceil(total * n_beta / (n_alpha + n_beta)))
+        sched_alpha = (self.alpha_scheduler(opt_alpha) if self.alpha_scheduler is not None
+                       else torch.optim.lr_scheduler.CosineAnnealingLR(opt_alpha, T_max=steps_alpha))
+        sched_beta = (self.beta_scheduler(opt_beta) if self.beta_scheduler is not None
+                      else torch.optim.lr_scheduler.CosineAnnealingLR(opt_beta, T_max=steps_beta))
+        return [opt_alpha, opt_beta], [sched_alpha, sched_beta]
+
+    # ------------------------------------------------------------------ checkpoints: trainable state only
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """alpha logits and beta, the only weights a checkpoint needs (kilobytes, not the model)."""
+        return {k: v.detach().cpu().clone() for k, v in super().state_dict().items()
+                if k.startswith(("alpha_logits.", "beta."))}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["diep"] = {"model_name_or_path": self.model_path, "model_type": self.hf_config.model_type,
+                              "experts_per_block": [b.num_experts for b in self.blocks]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("diep", {}).get("experts_per_block")
+        if saved is not None and self.blocks and saved != [b.num_experts for b in self.blocks]:
+            raise ValueError(
+                f"ckpt_path: checkpoint was made for experts per block {saved}, this model has "
+                f"{[b.num_experts for b in self.blocks]}; resume with the same model_name_or_path"
+            )

@@ -1,0 +1,110 @@
+"""Which experts to remove, from DiEP scores (eq. 10-11) or any baseline's scores.
+
+Pure functions over per-layer score vectors, so the same selection serves DiEP, its uniform ablation and
+every baseline: a method only has to produce one score per expert (higher = keep).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def check_sparsity(sparsity: float) -> float:
+    """Validate an expert sparsity (fraction of routed experts to remove)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+        raise ValueError(f"sparsity: the fraction of experts to remove must be in (0, 1), e.g. 0.5; got {sparsity!r}")
+    return float(sparsity)
+
+
+@dataclass
+class PruningPlan:
+    """Experts to remove per MoE block, with the scores that chose them.
+
+    Attributes:
+        removed: per block, the expert ids to remove (original numbering), sorted.
+        kept: per block, the expert ids kept (original numbering), in the new order.
+        scores: per block, the score of every expert (original numbering).
+        sparsity: requested fraction of routed experts removed.
+        mode: "global" or "uniform".
+        merges: per block, ``{survivor: {"members": [...], "weights": [...]}}`` if pruned experts were merged.
+        extra: per-block data other callbacks add (e.g. skipping gammas).
+    """
+
+    removed: list[list[int]]
+    kept: list[list[int]]
+    scores: list[list[float]]
+    sparsity: float
+    mode: str
+    merges: list[dict[int, dict[str, list[float]]]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_removed(self) -> int:
+        return sum(len(r) for r in self.removed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"removed": self.removed, "kept": self.kept, "scores": self.scores, "sparsity": self.sparsity,
+                "mode": self.mode, "merges": [{str(k): v for k, v in m.items()} for m in self.merges],
+                "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
+        merges = [{int(k): v for k, v in m.items()} for m in data.get("merges", [])]
+        return cls(removed=data["removed"], kept=data["kept"], scores=data["scores"], sparsity=data["sparsity"],
+                   mode=data["mode"], merges=merges, extra=data.get("extra", {}))
+
+
+def select_experts(scores: Sequence[torch.Tensor], sparsity: float, top_k: Sequence[int],
+                   mode: str = "global") -> PruningPlan:
+    """Choose the experts to remove.
+
+    Args:
+        scores: per MoE block, a (N_l,) score per expert; lower scores are removed first.
+        sparsity: fraction of all routed experts to remove.
+        top_k: per block, the minimum number of experts it must keep (its top-k).
+        mode: "global": rank all experts of all layers together and remove the bottom
+            ``round(sparsity * sum N_l)`` (layers lose different numbers, eq. 11), skipping any expert whose
+            removal would leave its layer under top-k; "uniform": remove ``round(sparsity * N_l)`` from
+            each layer.
+
+    Raises:
+        ValueError: a bad sparsity or mode, or a uniform sparsity that leaves a layer under its top-k.
+    """
+    sparsity = check_sparsity(sparsity)
+    sizes = [int(s.numel()) for s in scores]
+    flat = [[float(v) for v in s.detach().float().cpu().tolist()] for s in scores]
+    removed: list[list[int]] = [[] for _ in sizes]
+    if mode == "global":
+        budget = round(sparsity * sum(sizes))
+        max_removable = sum(n - k for n, k in zip(sizes, top_k))
+        if budget > max_removable:
+            raise ValueError(
+                f"sparsity: {sparsity} removes {budget} of {sum(sizes)} experts but at most {max_removable} can go "
+                f"without leaving a layer under its top-k; use sparsity <= {max_removable / sum(sizes):.3f}"
+            )
+        order = sorted(((v, layer, e) for layer, row in enumerate(flat) for e, v in enumerate(row)))
+        for _, layer, e in order:
+            if budget == 0:
+                break
+            if sizes[layer] - len(removed[layer]) > top_k[layer]:
+                removed[layer].append(e)
+                budget -= 1
+    elif mode == "uniform":
+        for layer, (row, n, k) in enumerate(zip(flat, sizes, top_k)):
+            count = round(sparsity * n)
+            if n - count < k:
+                raise ValueError(
+                    f"sparsity: uniform mode removes {count} of {n} experts in layer {layer}, leaving fewer than its "
+                    f"top-k={k}; use sparsity <= {(n - k) / n:.3f} or mode='global'"
+                )
+            removed[layer] = sorted(range(n), key=lambda e: (row[e], e))[:count]
+    else:
+        raise ValueError(f"mode: expected 'global' or 'uniform', got {mode!r}")
+    removed = [sorted(r) for r in removed]
+    kept = [[e for e in range(n) if e not in set(r)] for n, r in zip(sizes, removed)]
+    return PruningPlan(removed=removed, kept=kept, scores=flat, sparsity=sparsity, mode=mode,
+                       merges=[{} for _ in sizes])
