@@ -1,1 +1,9 @@
-"""Lightning callbacks of diep_lightning, installed as ``diep_lightning.callbacks``."""
+"""Lightning callbacks of diep_lightning, installed as ``diep_lightning.callbacks``.
+
+Each is usable from YAML (``trainer.callbacks``) or the command line (``--trainer.callbacks+=ExpertMerging``).
+"""
+
+from diep_lightning.callbacks.merging import ExpertMerging
+from diep_lightning.callbacks.pruning import GlobalExpertPruning
+
+__all__ = ["ExpertMerging", "GlobalExpertPruning"]

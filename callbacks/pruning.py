@@ -1,0 +1,140 @@
+"""GlobalExpertPruning: at the end of the search, remove the lowest-scored experts and export the model.
+
+The callback is the orchestrator of the post-search pipeline. Other callbacks plug into it by defining any
+of these methods (no registration needed; they are called in ``trainer.callbacks`` order):
+
+- ``on_experts_selected(trainer, pl_module, model, plan)``: the plan is chosen, the model is untouched
+  (merging fills ``plan.merges`` here);
+- ``on_experts_removed(trainer, pl_module, model, plan)``: the model is pruned in memory (skipping
+  calibrates here and stores its gammas in ``plan.extra``);
+- ``on_pruned_export(trainer, pl_module, model, export_dir)``: the export is on disk (lm-eval runs here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from diep_lightning.export import apply_plan, export_pruned, size_report
+from diep_lightning.pruning import PruningPlan, check_sparsity, select_experts
+
+
+class GlobalExpertPruning(Callback):
+    """Prune experts by DiEP score (alpha * beta, eq. 10) when ``fit`` ends, and export the result.
+
+    Args:
+        sparsity: fraction of all routed experts to remove, in (0, 1).
+        mode: "global" (rank experts of all layers together; layers lose different numbers) or "uniform"
+            (the same number from every layer; the export then loads with stock ``from_pretrained``).
+        export_dir: where the export goes; default ``<log dir>/pruned``. Checked before the search starts.
+        overwrite: replace an existing ``export_dir`` (otherwise an existing one is an error).
+        export: write the export (False: prune in memory only, e.g. for a benchmark that evaluates directly).
+        method: name recorded in the model card and ``pruning.json``.
+    """
+
+    def __init__(self, sparsity: float = 0.5, mode: Literal["global", "uniform"] = "global",
+                 export_dir: str | None = None, overwrite: bool = False, export: bool = True,
+                 method: str = "DiEP") -> None:
+        super().__init__()
+        self.sparsity = check_sparsity(sparsity)
+        if mode not in ("global", "uniform"):
+            raise ValueError(f"mode: expected 'global' or 'uniform', got {mode!r}")
+        self.mode = mode
+        self.export_dir = export_dir
+        self.overwrite = bool(overwrite)
+        self.export = bool(export)
+        self.method = method
+        self.plan: PruningPlan | None = None
+        self.export_path: Path | None = None
+        self.pruned_model: Any = None
+        if export_dir is not None and Path(export_dir).exists() and not overwrite:
+            raise FileExistsError(f"export_dir: {export_dir} already exists; choose another export_dir or set "
+                                  "overwrite=True")
+
+    # ------------------------------------------------------------------ checks before the search
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "expert_scores") or not hasattr(pl_module, "family"):
+            raise TypeError("GlobalExpertPruning: the LightningModule must provide expert_scores() and family "
+                            "(use DiEPModule or a baseline module)")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        blocks = pl_module.blocks
+        # the same selection as at the end, on dummy scores: a sparsity that cannot be met fails now
+        import torch
+
+        select_experts([torch.zeros(b.num_experts) for b in blocks], self.sparsity, [b.top_k for b in blocks],
+                       self.mode)
+        target = self._target(trainer)
+        if self.export and target.exists() and not self.overwrite:
+            raise FileExistsError(f"export_dir: {target} already exists; choose another export_dir or set "
+                                  "overwrite=True")
+
+    def _target(self, trainer: pl.Trainer) -> Path:
+        if self.export_dir is not None:
+            return Path(self.export_dir)
+        root = trainer.log_dir or trainer.default_root_dir
+        return Path(root) / "pruned"
+
+    # ------------------------------------------------------------------ pruning
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.interrupted:  # a stopped search has no final scores to prune by
+            return
+        scores = pl_module.expert_scores()
+        model = pl_module.release_model()
+        if model is None:  # non-zero ranks of a sharded run: rank 0 prunes and exports
+            return
+        family = pl_module.family
+        blocks = family.blocks(model)
+        plan = select_experts(scores, self.sparsity, [b.top_k for b in blocks], self.mode)
+        original = size_report(model, family)
+        self._dispatch(trainer, "on_experts_selected", pl_module, model, plan)
+        apply_plan(model, plan, family)
+        self._dispatch(trainer, "on_experts_removed", pl_module, model, plan)
+        self.plan, self.pruned_model = plan, model
+        pl_module.pruned_model = model
+        after = size_report(model, family)
+        self._log_summary(trainer, plan, original, after)
+        if self.export:
+            path, figures = export_pruned(model, plan, self._target(trainer), source=pl_module.model_path,
+                                          original=original, tokenizer=pl_module.load_tokenizer(),
+                                          overwrite=self.overwrite, method=self.method)
+            self.export_path = path
+            self._log_figures(trainer, figures)
+            print(f"[diep_lightning] pruned {plan.num_removed} experts ({plan.mode}, sparsity {plan.sparsity}); "
+                  f"expert bytes {original['expert_bytes']:,} -> {after['expert_bytes']:,}; export: {path}")
+            self._dispatch(trainer, "on_pruned_export", pl_module, model, path)
+
+    @staticmethod
+    def _dispatch(trainer: pl.Trainer, hook: str, *args: Any) -> None:
+        for callback in trainer.callbacks:
+            method = getattr(callback, hook, None)
+            if callable(method):
+                method(trainer, *args)
+
+    @staticmethod
+    def _log_summary(trainer: pl.Trainer, plan: PruningPlan, before: dict[str, int], after: dict[str, int]) -> None:
+        metrics = {f"prune/experts_kept/layer_{i}": float(len(k)) for i, k in enumerate(plan.kept)}
+        metrics["prune/experts_removed"] = float(plan.num_removed)
+        metrics["prune/expert_bytes_ratio"] = after["expert_bytes"] / max(1, before["expert_bytes"])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @staticmethod
+    def _log_figures(trainer: pl.Trainer, figures: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                for name, fig in figures.items():
+                    experiment.add_figure(f"prune/{name}", fig, global_step=trainer.global_step)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict() if self.plan else None,
+                "export_path": str(self.export_path) if self.export_path else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.plan = PruningPlan.from_dict(state_dict["plan"]) if state_dict.get("plan") else None
+        self.export_path = Path(state_dict["export_path"]) if state_dict.get("export_path") else None

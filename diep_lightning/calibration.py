@@ -1,0 +1,96 @@
+"""What callbacks observe on calibration tokens: each MoE block's inputs and routing, and expert similarity.
+
+Merging (which survivor a pruned expert resembles), skipping (gamma calibration) and the baselines'
+statistics all start from the same observation: run the model on a few calibration batches and record,
+per block, the tokens entering its experts and the routing chosen for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diep_lightning.families import MoEBlock, MoEFamily
+
+
+@dataclass
+class BlockObservation:
+    """Calibration tokens seen by one MoE block.
+
+    Attributes:
+        hidden: (T, H) inputs of the block's experts.
+        index: (T, k) experts chosen per token.
+        weights: (T, k) their routing weights.
+    """
+
+    hidden: torch.Tensor
+    index: torch.Tensor
+    weights: torch.Tensor
+
+
+@torch.no_grad()
+def observe_blocks(model: nn.Module, family: MoEFamily, batches: Iterable[dict[str, torch.Tensor]],
+                   max_tokens: int | None = 8192) -> dict[int, BlockObservation]:
+    """Run ``model`` on ``batches`` and keep, per block, up to ``max_tokens`` tokens' expert inputs and routing."""
+    blocks = family.blocks(model)
+    store: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {b.index: [] for b in blocks}
+    counts = {b.index: 0 for b in blocks}
+
+    def sink(block: MoEBlock, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        if max_tokens is not None and counts[block.index] >= max_tokens:
+            return
+        take = hidden.shape[0] if max_tokens is None else min(hidden.shape[0], max_tokens - counts[block.index])
+        store[block.index].append((hidden[:take].detach().float().cpu(), index[:take].detach().cpu(),
+                                   weights[:take].detach().float().cpu()))
+        counts[block.index] += take
+
+    hooks = family.install_routing_capture(blocks, sink)
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            model(input_ids=batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device),
+                  use_cache=False)
+            if max_tokens is not None and all(c >= max_tokens for c in counts.values()):
+                break
+    finally:
+        hooks.remove()
+    return {i: BlockObservation(*(torch.cat(parts, 0) for parts in zip(*rows))) for i, rows in store.items() if rows}
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al., 2019) between two (T, H) representations of the same tokens."""
+    x = x.double() - x.double().mean(0, keepdim=True)
+    y = y.double() - y.double().mean(0, keepdim=True)
+    cross = (y.T @ x).norm() ** 2
+    denom = (x.T @ x).norm() * (y.T @ y).norm()
+    return float(cross / denom) if denom > 0 else 0.0
+
+
+def cka_matrix(outputs: torch.Tensor) -> torch.Tensor:
+    """Pairwise linear CKA of experts' outputs, ``outputs`` of shape (E, T, H); returns (E, E)."""
+    n = outputs.shape[0]
+    # CKA via Gram matrices of centred features: <K_i, K_j> / (|K_i| |K_j|), with K = X X^T would be (T, T);
+    # the feature-space form (H x H) is cheaper when H < T.
+    centred = outputs.double() - outputs.double().mean(1, keepdim=True)
+    gram = torch.einsum("eth,etg->ehg", centred, centred)  # (E, H, H) = X_e^T X_e
+    norms = gram.flatten(1).norm(dim=1)
+    result = torch.eye(n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            cross = (centred[j].T @ centred[i]).norm() ** 2
+            value = cross / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else torch.tensor(0.0)
+            result[i, j] = result[j, i] = value
+    return result.float()
+
+
+def expert_outputs(family: MoEFamily, block: MoEBlock, observation: BlockObservation,
+                   expert_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """(E, T, H) outputs of the block's experts on the observed tokens, computed where the block lives."""
+    param = next(block.experts.parameters())
+    hidden = observation.hidden.to(param.device, param.dtype)
+    with torch.no_grad():
+        return family.expert_outputs(block, hidden, expert_ids).float().cpu()
