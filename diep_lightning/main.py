@@ -2,16 +2,25 @@
 
 One LightningCLI call. Callbacks (pruning, merging, skipping, lm-eval) come from the YAML's
 ``trainer.callbacks`` or the command line (``--trainer.callbacks+=ExpertMerging``).
+
+Bad input ends the program with exit code 2 and one line, ``error: <argument>: <what is allowed>``, with no
+traceback: every check in the project raises with such a message, and :func:`main` unwraps it from the
+parser's exception chain.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from diep_lightning.data import CalibrationDataModule
 from diep_lightning.module import DiEPModule
+
+#: Exceptions that mean "the user asked for something that cannot work" (one line, exit 2).
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+               IsADirectoryError, FloatingPointError, KeyError)
 
 
 class DiEPCLI(LightningCLI):
@@ -21,8 +30,21 @@ class DiEPCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
 
 
-def main(args: list[str] | None = None) -> DiEPCLI:
-    """Run the CLI (``args=None`` reads ``sys.argv``); tests call ``main([...])``."""
+def _innermost_message(err: BaseException) -> str:
+    """The first line of the deepest cause: the project's own one-line message, not the parser's wrapper."""
+    while True:
+        nxt = err.__cause__ or err.__context__
+        if nxt is None or not isinstance(nxt, Exception):
+            break
+        err = nxt
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError):
+        text = text.strip("'\"")
+    return text.splitlines()[0]
+
+
+def cli(args: list[str] | None = None) -> DiEPCLI:
+    """Build and run the CLI, raising on bad input (what tests that inspect exceptions call)."""
     import diep_lightning.callbacks  # noqa: F401  (registers the callbacks for short names on the CLI)
 
     return DiEPCLI(
@@ -31,4 +53,19 @@ def main(args: list[str] | None = None) -> DiEPCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
     )
+
+
+def main(args: list[str] | None = None) -> DiEPCLI:
+    """Run the CLI (``args=None`` reads ``sys.argv``); bad input exits 2 with a one-line ``error:``."""
+    try:
+        return cli(args)
+    except USER_ERRORS as err:
+        print(f"error: {_innermost_message(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:  # jsonargparse's ArgumentError and friends
+        if type(err).__name__ in ("ArgumentError", "NSKeyError"):
+            print(f"error: {_innermost_message(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise

@@ -26,8 +26,9 @@ def regroup_after_removal(block: MoEBlock, keep: list[int], min_group_size: int 
     if len(set(per_group)) == 1 and per_group[0] >= min_group_size and per_group[0] * topk_group >= block.top_k:
         return
     warnings.warn(
-        f"block {block.index}: experts kept per router group {per_group} are unequal; grouped routing is "
-        "reset to one group for this layer (pass mode='uniform' or a sparsity the groups divide to keep it)",
+        f"block {block.index}: experts kept per router group {per_group} are unequal or below "
+        f"{min_group_size} per group; grouped routing is reset to one group for this layer (keep an equal "
+        "number of experts per group to keep it)",
         stacklevel=3,
     )
     router.num_group = 1

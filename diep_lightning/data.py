@@ -1,0 +1,615 @@
+"""Calibration data for expert pruning.
+
+DiEP (like GPTQ / SparseGPT / NAEE) calibrates on a small number of fixed-length token sequences
+drawn from C4 train (the paper uses 128 samples). This module turns text sources into such a set:
+
+* :func:`load_calibration_tokens`: plain function returning a ``(num_samples, seq_len)`` LongTensor,
+  for code outside Lightning (callbacks, scripts).
+* :class:`CalibrationDataModule`: the same samples as a ``LightningDataModule`` yielding batches
+  ``{"input_ids": (B, T) long, "attention_mask": (B, T) long}``.
+
+Sources
+    ``"bundled"``: the 256 C4 ``en`` train documents shipped in ``diep_lightning/assets``
+    (ODC-BY 1.0, see ``assets/LICENSE_C4.md``); ``"c4"``: ``allenai/c4`` ``en`` train streamed from the
+    Hugging Face hub (online only); a ``.jsonl`` file (one JSON object per line, text in
+    ``text_field``); a ``.txt`` file (the whole file is one document); or a directory, searched
+    recursively for ``.jsonl`` and ``.txt`` files.
+
+Sampling (``sampling="concat"``, the default)
+    The documents of a source are shuffled (seeded), tokenized without special tokens and
+    concatenated with the tokenizer's EOS token between documents. The stream of ``L`` tokens is cut,
+    after a random offset, into ``L // seq_len`` disjoint slots, and a random subset of the slots is
+    taken. Samples are therefore never overlapping (train and validation samples are disjoint) and may
+    span document boundaries; a source must hold at least ``n * seq_len`` tokens for ``n`` samples.
+    This uses every token of short-document corpora such as C4, whose median document is shorter than
+    a 2048-token window.
+
+Sampling (``sampling="document"``)
+    The GPTQ / SparseGPT recipe: for each sample pick a random document with at least ``seq_len``
+    tokens and a random window inside it (with replacement, so windows may overlap). Needs long
+    documents; with C4 and ``seq_len=2048`` few documents qualify, so prefer the ``"c4"`` source.
+
+With several sources, ``weights`` gives the fraction of samples drawn from each (default: equal);
+counts are rounded with the largest-remainder method and the samples of all sources are shuffled
+together. Everything is deterministic given ``seed`` (the ``"c4"`` stream aside, which depends on the
+hub's shard order). Train samples do not depend on ``val_samples``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = [
+    "BUNDLED_C4_PATH",
+    "CalibrationDataModule",
+    "TokenBlockDataset",
+    "load_calibration_tokens",
+    "sample_calibration_splits",
+]
+
+BUNDLED_C4_PATH = Path(__file__).resolve().parent / "assets" / "c4_en_train_sample256.jsonl"
+_TEXT_SUFFIXES = (".jsonl", ".txt")
+_SAMPLINGS = ("concat", "document")
+_C4_MAX_DOCS = 200_000
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks (cheap: no file is read)
+# --------------------------------------------------------------------------------------------------
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _normalize_sources(sources: Sequence[str] | str) -> list[str]:
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    sources = [os.fspath(s) for s in sources]
+    if not sources:
+        raise ValueError("sources: empty list; give at least one source, e.g. sources='bundled'")
+    return sources
+
+
+def _check_source(src: str, i: int) -> None:
+    tag = f"sources[{i}]={src!r}"
+    if src == "bundled":
+        if not BUNDLED_C4_PATH.is_file():
+            raise FileNotFoundError(f"{tag}: the bundled sample {BUNDLED_C4_PATH} is missing; reinstall diep_lightning")
+        return
+    if src == "c4":
+        if _offline():
+            raise ValueError(
+                f"{tag}: 'c4' streams allenai/c4 from the Hugging Face hub but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE "
+                "is set; use 'bundled' or a local .jsonl/.txt path"
+            )
+        return
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not any(p.is_file() and p.suffix in _TEXT_SUFFIXES for p in path.rglob("*")):
+            raise FileNotFoundError(f"{tag}: directory has no .jsonl or .txt files; add some or point to another source")
+        return
+    if path.suffix in _TEXT_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"{tag}: file not found; fix the path (relative paths resolve from {os.getcwd()})")
+        return
+    raise ValueError(
+        f"{tag}: unknown source; use 'bundled', 'c4', a .jsonl file, a .txt file or a directory of those"
+    )
+
+
+def _check_args(
+    sources: Sequence[str] | str,
+    weights: Sequence[float] | None,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    sampling: str,
+    text_field: str,
+) -> tuple[list[str], list[float]]:
+    """Validate the cheap arguments; return (sources, normalised weights)."""
+    for name, value in (("num_samples", num_samples), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}; set {name} >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if sampling not in _SAMPLINGS:
+        raise ValueError(f"sampling must be one of {list(_SAMPLINGS)}, got {sampling!r}")
+    if not isinstance(text_field, str) or not text_field:
+        raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
+    srcs = _normalize_sources(sources)
+    for i, src in enumerate(srcs):
+        _check_source(src, i)
+    if weights is None:
+        w = [1.0] * len(srcs)
+    else:
+        if isinstance(weights, (int, float)):
+            weights = [weights]
+        w = [float(x) for x in weights]
+        if len(w) != len(srcs):
+            raise ValueError(
+                f"weights has {len(w)} entries but sources has {len(srcs)}; give one weight per source (or weights=None)"
+            )
+        if any(not np.isfinite(x) or x < 0 for x in w):
+            raise ValueError(f"weights must be finite and >= 0, got {w}; fix the negative/invalid entries")
+        if sum(w) <= 0:
+            raise ValueError(f"weights sum to 0 ({w}); give at least one positive weight")
+    total = sum(w)
+    return srcs, [x / total for x in w]
+
+
+def _allocate(n: int, weights: Sequence[float]) -> list[int]:
+    """Split ``n`` into integer counts proportional to ``weights`` (largest remainder, ties to the first)."""
+    raw = [n * w for w in weights]
+    counts = [int(np.floor(r)) for r in raw]
+    rest = n - sum(counts)
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[:rest]:
+        counts[i] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path, text_field: str, tag: str) -> list[str]:
+    docs: list[str] = []
+    n_rows = 0
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{tag}: {path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+            n_rows += 1
+            if not isinstance(row, dict) or text_field not in row:
+                fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+                hint = ""
+                if isinstance(row, dict):
+                    str_fields = [k for k, v in row.items() if isinstance(v, str)]
+                    if str_fields:
+                        hint = f"; set text_field={str_fields[0]!r}"
+                raise ValueError(
+                    f"text_field={text_field!r} not found in {path} line {lineno} (fields: {fields}){hint or '; set text_field to the field holding the text'}"
+                )
+            text = row[text_field]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise ValueError(
+                    f"text_field={text_field!r} in {path} line {lineno} holds a {type(text).__name__}, not a string; choose a text field"
+                )
+            if text.strip():
+                docs.append(text)
+    if n_rows == 0:
+        raise ValueError(f"{tag}: file {path} is empty (no JSON lines); remove it from sources or add text")
+    if not docs:
+        raise ValueError(f"{tag}: file {path} has {n_rows} rows but every {text_field!r} is empty; remove it from sources")
+    return docs
+
+
+def _read_txt(path: Path, tag: str) -> list[str]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{tag}: file {path} is empty (no text); remove it from sources or add text")
+    return [text]
+
+
+def _read_file(path: Path, text_field: str, tag: str) -> list[str]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, text_field, tag)
+    return _read_txt(path, tag)
+
+
+def _local_documents(src: str, text_field: str, tag: str) -> list[str]:
+    if src == "bundled":
+        return _read_jsonl(BUNDLED_C4_PATH, "text", tag)
+    path = Path(src).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)
+        docs: list[str] = []
+        for f in files:
+            docs.extend(_read_file(f, text_field, tag))
+        return docs
+    return _read_file(path, text_field, tag)
+
+
+def _iter_c4(seed: int) -> Iterable[str]:
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset("allenai/c4", "en", split="train", streaming=True)
+        ds = ds.shuffle(seed=seed, buffer_size=2_000)
+        for row in ds:
+            text = row.get("text") or ""
+            if text.strip():
+                yield text
+    except Exception as e:  # network / hub errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"sources: could not stream allenai/c4 ({type(e).__name__}: {first}); check the network or use 'bundled' / a local file"
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizing and sampling
+# --------------------------------------------------------------------------------------------------
+def _encode(tokenizer: Any, docs: list[str]) -> list[list[int]]:
+    if not docs:
+        return []
+    out = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    return [list(x) for x in out]
+
+
+def _eos_id(tokenizer: Any) -> int | None:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return int(eos) if eos is not None else None
+
+
+def _concat(doc_ids: list[list[int]], order: np.ndarray, sep: int | None) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    for j, k in enumerate(order):
+        if j and sep is not None:
+            parts.append(np.asarray([sep], dtype=np.int64))
+        parts.append(np.asarray(doc_ids[k], dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _windows_concat(
+    doc_ids: list[list[int]], counts: list[int], seq_len: int, rng: np.random.Generator, sep: int | None, tag: str
+) -> list[np.ndarray]:
+    order = rng.permutation(len(doc_ids))
+    stream = _concat(doc_ids, order, sep)
+    need = sum(counts) * seq_len
+    n_slots = len(stream) // seq_len
+    if n_slots < sum(counts):
+        raise ValueError(
+            f"{tag}: found {len(stream):,} tokens but {sum(counts)} x seq_len={seq_len} = {need:,} are needed; "
+            "lower num_samples or seq_len, or add sources"
+        )
+    shift = int(rng.integers(0, len(stream) - n_slots * seq_len + 1))
+    slots = rng.permutation(n_slots)
+    out, start = [], 0
+    for c in counts:
+        idx = slots[start : start + c]
+        start += c
+        if c == 0:
+            out.append(np.zeros((0, seq_len), dtype=np.int64))
+            continue
+        offs = shift + idx * seq_len
+        out.append(np.stack([stream[o : o + seq_len] for o in offs]))
+    return out
+
+
+def _windows_document(
+    doc_ids: list[list[int]], counts: list[int], seq_len: int, rng: np.random.Generator, tag: str
+) -> list[np.ndarray]:
+    eligible = [d for d in doc_ids if len(d) >= seq_len]
+    if not eligible:
+        longest = max((len(d) for d in doc_ids), default=0)
+        raise ValueError(
+            f"{tag}: no document has >= seq_len={seq_len} tokens (longest: {longest:,}) for sampling='document'; "
+            "lower seq_len, use sampling='concat', or add sources with longer documents"
+        )
+    out = []
+    for c in counts:
+        rows = []
+        for _ in range(c):
+            d = eligible[int(rng.integers(0, len(eligible)))]
+            s = int(rng.integers(0, len(d) - seq_len + 1))
+            rows.append(np.asarray(d[s : s + seq_len], dtype=np.int64))
+        out.append(np.stack(rows) if rows else np.zeros((0, seq_len), dtype=np.int64))
+    return out
+
+
+def _c4_doc_ids(tokenizer: Any, seed: int, need_tokens: int, need_docs: int, seq_len: int, sampling: str) -> list[list[int]]:
+    """Stream C4 until there are 2x the needed tokens (concat) or enough long documents (document)."""
+    doc_ids: list[list[int]] = []
+    total = long_docs = 0
+    buf: list[str] = []
+
+    def flush() -> None:
+        nonlocal total, long_docs
+        for ids in _encode(tokenizer, buf):
+            doc_ids.append(ids)
+            total += len(ids) + 1
+            long_docs += len(ids) >= seq_len
+        buf.clear()
+
+    for n, text in enumerate(_iter_c4(seed)):
+        buf.append(text)
+        if len(buf) >= 256:
+            flush()
+            done = long_docs >= need_docs if sampling == "document" else total >= 2 * need_tokens
+            if done or n >= _C4_MAX_DOCS:
+                break
+    flush()
+    return doc_ids
+
+
+def sample_calibration_splits(
+    tokenizer: Any,
+    sources: Sequence[str] | str = "bundled",
+    weights: Sequence[float] | None = None,
+    split_sizes: Sequence[int] = (128,),
+    seq_len: int = 256,
+    seed: int = 42,
+    text_field: str = "text",
+    sampling: str = "concat",
+) -> list[torch.Tensor]:
+    """Draw several disjoint sets of calibration sequences (e.g. train and validation).
+
+    Each split is allocated across sources by ``weights`` independently, so the first split does not
+    change when a later split's size changes.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer object (anything callable like one, with ``eos_token_id``).
+        sources: See the module docstring.
+        weights: Fraction of each split drawn from each source; ``None`` means equal.
+        split_sizes: Number of sequences in each split (zeros allowed, first must be > 0).
+        seq_len: Tokens per sequence.
+        seed: Random seed.
+        text_field: JSON field holding the text in ``.jsonl`` sources.
+        sampling: ``"concat"`` or ``"document"`` (see the module docstring).
+
+    Returns:
+        One ``(n, seq_len)`` int64 tensor per split.
+    """
+    sizes = [int(s) for s in split_sizes]
+    if not sizes or any(s < 0 for s in sizes):
+        raise ValueError(f"split_sizes must be non-negative counts, got {list(split_sizes)}")
+    srcs, w = _check_args(sources, weights, max(sizes[0], 1), seq_len, seed, sampling, text_field)
+    if tokenizer is None:
+        raise ValueError("tokenizer: none given; pass a tokenizer object (or a path to CalibrationDataModule)")
+    per_source = [_allocate(n, w) for n in sizes]  # [split][source]
+    sep = _eos_id(tokenizer)
+    chunks: list[list[np.ndarray]] = [[] for _ in sizes]
+    for i, src in enumerate(srcs):
+        counts = [per_source[k][i] for k in range(len(sizes))]
+        if sum(counts) == 0:
+            continue
+        tag = f"sources[{i}]={src!r}"
+        rng = np.random.default_rng([seed, i])
+        if src == "c4":
+            doc_ids = _c4_doc_ids(tokenizer, seed + i, sum(counts) * seq_len, sum(counts), seq_len, sampling)
+        else:
+            doc_ids = _encode(tokenizer, _local_documents(src, text_field, tag))
+        if sampling == "concat":
+            wins = _windows_concat(doc_ids, counts, seq_len, rng, sep, tag)
+        else:
+            wins = _windows_document(doc_ids, counts, seq_len, rng, tag)
+        for k, arr in enumerate(wins):
+            chunks[k].append(arr)
+    out = []
+    for k, parts in enumerate(chunks):
+        arr = np.concatenate(parts) if parts else np.zeros((0, seq_len), dtype=np.int64)
+        perm = np.random.default_rng([seed, 10_000 + k]).permutation(len(arr))
+        out.append(torch.from_numpy(np.ascontiguousarray(arr[perm])).long())
+    return out
+
+
+def load_calibration_tokens(
+    tokenizer: Any,
+    sources: Sequence[str] | str = "bundled",
+    weights: Sequence[float] | None = None,
+    num_samples: int = 128,
+    seq_len: int = 256,
+    seed: int = 42,
+    text_field: str = "text",
+    sampling: str = "concat",
+) -> torch.Tensor:
+    """Return ``num_samples`` calibration sequences as a ``(num_samples, seq_len)`` int64 tensor.
+
+    Same samples as ``CalibrationDataModule(...).train_tokens`` for the same arguments.
+
+    Args:
+        tokenizer: A tokenizer object, or a path / hub name loaded with ``AutoTokenizer``.
+        sources: ``"bundled"``, ``"c4"``, a ``.jsonl`` / ``.txt`` path, a directory, or a list of those.
+        weights: Fraction of the samples drawn from each source (default: equal).
+        num_samples: Number of sequences.
+        seq_len: Tokens per sequence.
+        seed: Random seed; the result is deterministic given it.
+        text_field: JSON field holding the text in ``.jsonl`` sources.
+        sampling: ``"concat"`` (disjoint windows of the concatenated stream) or ``"document"``
+            (GPTQ-style random window of a random long-enough document).
+
+    Returns:
+        LongTensor of shape ``(num_samples, seq_len)``.
+    """
+    _check_args(sources, weights, num_samples, seq_len, seed, sampling, text_field)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _load_tokenizer(os.fspath(tokenizer))
+    (train,) = sample_calibration_splits(
+        tokenizer, sources, weights, (num_samples,), seq_len, seed, text_field, sampling
+    )
+    return train
+
+
+def _load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"tokenizer={name!r}: could not load it ({type(e).__name__}: {first[:200]}); pass a local tokenizer directory or call set_tokenizer()"
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Lightning
+# --------------------------------------------------------------------------------------------------
+class TokenBlockDataset(Dataset):
+    """Map-style dataset over a ``(N, T)`` token tensor yielding ``input_ids`` / ``attention_mask`` dicts."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        ids = self.tokens[idx]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class CalibrationDataModule(L.LightningDataModule):
+    """Fixed-length calibration sequences (default: the bundled C4 train sample).
+
+    Batches are dicts with ``input_ids`` and ``attention_mask``, both ``(batch_size, seq_len)``
+    int64 (the mask is all ones: there is no padding). See the module docstring for sources and the
+    sampling scheme.
+
+    Args:
+        tokenizer: Tokenizer path or hub name (loaded with ``AutoTokenizer``). May be left ``None`` if the
+            LightningModule injects a tokenizer object with :meth:`set_tokenizer` before ``setup``.
+        sources: ``"bundled"`` (shipped C4 sample), ``"c4"`` (stream ``allenai/c4`` ``en`` train; online
+            only), a ``.jsonl`` file, a ``.txt`` file, a directory of those, or a list mixing them.
+        weights: Fraction of the sequences drawn from each source (same length as ``sources``;
+            normalised; default equal).
+        num_samples: Number of training (calibration) sequences; the DiEP paper uses 128.
+        seq_len: Tokens per sequence. The paper uses 2048 with C4; the default 256 matches the context
+            length of the shipped tiny models and fits the bundled sample (about 150k tokens).
+        batch_size: Sequences per batch.
+        seed: Random seed; the samples (and the shuffling of the train loader) depend only on it.
+        num_workers: DataLoader worker processes.
+        val_samples: Held-out sequences drawn from the same sources, disjoint from the training ones
+            (with ``sampling="concat"``); 0 disables the validation loader.
+        text_field: JSON field holding the text in ``.jsonl`` sources.
+        sampling: ``"concat"`` (disjoint random windows of the concatenated documents) or
+            ``"document"`` (GPTQ-style: random window of a random document with >= ``seq_len`` tokens).
+        shuffle: Shuffle the training loader each epoch (seeded).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        sources: list[str] | str = "bundled",
+        weights: list[float] | None = None,
+        num_samples: int = 128,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        seed: int = 42,
+        num_workers: int = 0,
+        val_samples: int = 0,
+        text_field: str = "text",
+        sampling: str = "concat",
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}; set batch_size >= 1")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if isinstance(val_samples, bool) or not isinstance(val_samples, int) or val_samples < 0:
+            raise ValueError(f"val_samples must be an integer >= 0, got {val_samples!r}; use 0 to disable validation")
+        self.sources, self._weights = _check_args(sources, weights, num_samples, seq_len, seed, sampling, text_field)
+        self.tokenizer_name = tokenizer if isinstance(tokenizer, (str, os.PathLike)) or tokenizer is None else None
+        self._tokenizer = None if self.tokenizer_name is not None or tokenizer is None else tokenizer
+        self.weights = weights
+        self.num_samples = num_samples
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.val_samples = val_samples
+        self.text_field = text_field
+        self.sampling = sampling
+        self.shuffle = shuffle
+        self.train_tokens: torch.Tensor | None = None
+        self.val_tokens: torch.Tensor | None = None
+        self.save_hyperparameters(ignore=["tokenizer"] if self._tokenizer is not None else None)
+
+    # -- tokenizer ------------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use ``tokenizer`` (a tokenizer object, or a path) instead of the constructor's one.
+
+        Drops samples built with a previous tokenizer.
+        """
+        if isinstance(tokenizer, (str, os.PathLike)):
+            self.tokenizer_name, self._tokenizer = os.fspath(tokenizer), None
+        else:
+            if tokenizer is None:
+                raise ValueError("set_tokenizer: tokenizer is None; pass a tokenizer object or path")
+            self._tokenizer = tokenizer
+        self.train_tokens = self.val_tokens = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer object (loaded from ``tokenizer`` on first access)."""
+        if self._tokenizer is None:
+            if self.tokenizer_name is None:
+                raise ValueError(
+                    "tokenizer: none set; pass tokenizer=<path or hub name> or call datamodule.set_tokenizer(tok) before setup()"
+                )
+            self._tokenizer = _load_tokenizer(os.fspath(self.tokenizer_name))
+        return self._tokenizer
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenize the sources and draw the samples (once; later calls reuse them)."""
+        if self.train_tokens is not None:
+            return
+        self.train_tokens, self.val_tokens = sample_calibration_splits(
+            self.tokenizer,
+            self.sources,
+            self.weights,
+            (self.num_samples, self.val_samples),
+            self.seq_len,
+            self.seed,
+            self.text_field,
+            self.sampling,
+        )
+
+    def _loader(self, tokens: torch.Tensor, shuffle: bool) -> DataLoader:
+        """A loader whose order depends only on ``seed`` and the epoch.
+
+        The sampler is always a ``DistributedSampler`` (one replica when not distributed): Lightning calls its
+        ``set_epoch`` every epoch, so a run resumed from a checkpoint sees the same batches as an uninterrupted
+        one, and under DDP/FSDP2 each rank gets its own disjoint share (Lightning leaves such a sampler alone).
+        """
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        replicas = torch.distributed.get_world_size() if dist else 1
+        rank = torch.distributed.get_rank() if dist else 0
+        sampler = DistributedSampler(TokenBlockDataset(tokens), num_replicas=replicas, rank=rank, shuffle=shuffle,
+                                     seed=self.seed, drop_last=False)
+        return DataLoader(
+            TokenBlockDataset(tokens),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Calibration batches (shuffled with ``seed`` when ``shuffle``)."""
+        if self.train_tokens is None:
+            self.setup("fit")
+        return self._loader(self.train_tokens, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out batches, or ``[]`` (no validation) when ``val_samples == 0``."""
+        if self.train_tokens is None:
+            self.setup("validate")
+        if self.val_tokens is None or len(self.val_tokens) == 0:
+            return []
+        return self._loader(self.val_tokens, False)
+
+    def calibration_tokens(self) -> torch.Tensor:
+        """The ``(num_samples, seq_len)`` training samples (runs :meth:`setup` if needed)."""
+        if self.train_tokens is None:
+            self.setup()
+        return self.train_tokens

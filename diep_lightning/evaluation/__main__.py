@@ -1,0 +1,65 @@
+"""``python -m diep_lightning.evaluation --model DIR --tasks kit_blimp,kit_wikitext2 --limit 100``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _limit(s: str) -> int | float:
+    v = float(s)
+    return int(v) if v >= 1 and v.is_integer() else v
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .kit import DEFAULT_TASKS, evaluate, list_kit_tasks, resolve_data_dir
+
+    ap = argparse.ArgumentParser(prog="python -m diep_lightning.evaluation", description="Offline lm-eval kit tasks.")
+    ap.add_argument("--model", help="model directory (a saved transformers causal LM)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model directory)")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task/group names")
+    ap.add_argument("--limit", type=_limit, default=None, help="docs per task (or a fraction < 1)")
+    ap.add_argument("--data-dir", default=None, help="eval data dir (default: repo data if present, else shipped; 'shipped')")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
+    ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--bootstrap-iters", type=int, default=0, help="lm-eval bootstrap iterations for stderrs")
+    ap.add_argument("--output", type=Path, default=None, help="write the results JSON here")
+    ap.add_argument("--list", action="store_true", help="list the kit tasks for the data dir and exit")
+    a = ap.parse_args(argv)
+
+    if a.list:
+        print(f"data dir: {resolve_data_dir(a.data_dir)}")
+        print("\n".join(list_kit_tasks(a.data_dir, include_subtasks=True)))
+        return 0
+    if not a.model:
+        ap.error("--model is required (or use --list)")
+    try:
+        res = evaluate(
+            a.model,
+            tokenizer=a.tokenizer,
+            tasks=a.tasks,
+            data_dir=a.data_dir,
+            limit=a.limit,
+            batch_size=a.batch_size,
+            device=a.device,
+            num_fewshot=a.num_fewshot,
+            bootstrap_iters=a.bootstrap_iters,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for key, value in res.items():
+        if "/" in key:
+            print(f"{key:50s} {value if value is None else f'{value:.4f}'}")
+    if a.output:
+        a.output.parent.mkdir(parents=True, exist_ok=True)
+        a.output.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

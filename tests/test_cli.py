@@ -1,0 +1,76 @@
+"""The real CLI: help, print_config, every shipped YAML, and the whole pipeline from a tiny YAML."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
+
+from diep_lightning.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_help_lists_subcommands():
+    result = subprocess.run([sys.executable, "-m", "diep_lightning", "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0
+    for sub in ("fit", "validate"):
+        assert sub in result.stdout
+
+
+def test_print_config_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.model_name_or_path=some/model", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["lam"] == 0.01
+    assert printed["model"]["alpha_beta_ratio"] == "3:1"
+    assert printed["data"]["num_samples"] == 128
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_shipped_yaml_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model_name_or_path"]
+    assert any("GlobalExpertPruning" in str(cb) for cb in printed["trainer"]["callbacks"])
+
+
+def test_tiny_yaml_runs_search_prune_and_export(tiny_mixtral_dir, tmp_path):
+    config = yaml.safe_load((REPO / "configs" / "tiny_mixtral.yaml").read_text())
+    config["model"]["model_name_or_path"] = tiny_mixtral_dir
+    config["data"].update(num_samples=16, seq_len=32, batch_size=4)
+    config["trainer"].update(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    config["trainer"]["callbacks"] = [
+        {"class_path": "diep_lightning.callbacks.GlobalExpertPruning",
+         "init_args": {"sparsity": 0.25, "export_dir": str(tmp_path / "export")}},
+    ]
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path), "--trainer.callbacks+=ExpertMerging"])
+    record = json.loads((tmp_path / "export" / "pruning.json").read_text())
+    assert sum(len(layer["removed"]) for layer in record["layers"]) == 4
+    assert any(layer["merges"] for layer in record["layers"]), "ExpertMerging added on the command line must run"
+    assert (tmp_path / "export" / "README.md").is_file()
+
+
+def test_existing_export_dir_fails_before_the_search(tiny_mixtral_dir, tmp_path, capsys):
+    existing = tmp_path / "taken"
+    existing.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tiny_mixtral_dir, str(tmp_path), "--trainer.callbacks+=GlobalExpertPruning",
+                      f"--trainer.callbacks.export_dir={existing}"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: export_dir:") and "overwrite" in err[-1]
+    assert not list(tmp_path.glob("**/*.ckpt")), "nothing may run after bad input"

@@ -1,0 +1,119 @@
+"""The DiEP search: losses, alternating phases, frozen weights, tiny checkpoints, resume, FSDP2 on CPU."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from model_fixtures import fit_args, tiny_mixtral_dir, tiny_qwen_dir  # noqa: F401
+
+from diep_lightning.main import main
+from diep_lightning.module import DiEPModule, parse_ratio
+
+
+def _checkpoint(root) -> dict:
+    paths = sorted(glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True))
+    assert paths, f"no checkpoint under {root}"
+    return torch.load(paths[-1], map_location="cpu", weights_only=False)
+
+
+def test_relaxed_model_equals_original_at_initialisation(tiny_mixtral_dir):
+    module = DiEPModule(tiny_mixtral_dir)
+    module.configure_model()
+    batch = {"input_ids": torch.randint(3, 200, (2, 16))}
+    losses = module.compute_losses(batch)
+    assert losses["reconstruction"].item() == 0.0
+    with torch.no_grad(), module._scaling.disabled():
+        plain = module.model(**batch).logits
+    with torch.no_grad():
+        scaled = module.model(**batch).logits
+    assert torch.equal(plain, scaled)
+    assert not any(p.requires_grad for p in module.model.parameters())
+    assert sum(p.numel() for p in module.parameters() if p.requires_grad) == 8 * 2 + 2
+
+
+def test_paper_literal_alpha_scaling_shrinks_outputs(tiny_mixtral_dir):
+    module = DiEPModule(tiny_mixtral_dir, alpha_scaling="softmax")
+    module.configure_model()
+    losses = module.compute_losses({"input_ids": torch.randint(3, 200, (2, 16))})
+    assert losses["reconstruction"].item() > 0
+
+
+@pytest.mark.parametrize("ratio,expected", [("3:1", (3, 1)), ("1:1", (1, 1)), ([2, 0], (2, 0))])
+def test_parse_ratio(ratio, expected):
+    assert parse_ratio(ratio) == expected
+
+
+@pytest.mark.parametrize("bad", ["3", "a:b", "3:1:1", "-1:2", "0:0"])
+def test_parse_ratio_rejects(bad):
+    with pytest.raises(ValueError, match="alpha_beta_ratio"):
+        parse_ratio(bad)
+
+
+def test_fit_moves_alpha_and_beta_logs_and_checkpoints_only_trainable_state(tiny_mixtral_dir, tmp_path):
+    root = str(tmp_path / "run")
+    main(fit_args(tiny_mixtral_dir, root, "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={root}"))
+    ckpt = _checkpoint(root)
+    state = ckpt["state_dict"]
+    assert set(state) == {"alpha_logits.0", "alpha_logits.1", "beta.0", "beta.1"}
+    assert any(state[f"alpha_logits.{i}"].abs().max() > 0 for i in range(2))
+    assert any((state[f"beta.{i}"] - 1).abs() > 0 for i in range(2))
+    assert ckpt["global_step"] == 8  # 4 batches x 2 epochs, one optimizer step each
+    paths = glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True)
+    assert os.path.getsize(paths[0]) < 64_000, "a checkpoint must not contain the frozen model"
+    metrics = open(glob.glob(os.path.join(root, "**", "metrics.csv"), recursive=True)[0]).readline()
+    for name in ["train/ce_step", "train/reconstruction_step", "train/loss_step", "beta/layer_0",
+                 "alpha_entropy/layer_1", "lr/alpha", "lr/beta"]:
+        assert name in metrics
+
+
+def test_alternation_follows_the_ratio(tiny_mixtral_dir, tmp_path):
+    root = str(tmp_path / "run")
+    main(fit_args(tiny_mixtral_dir, root, "--model.alpha_beta_ratio=1:0", epochs=1))
+    state = _checkpoint(root)["state_dict"]
+    assert all(state[f"beta.{i}"].item() == 1.0 for i in range(2)), "beta must not move with ratio 1:0"
+    assert state["alpha_logits.0"].abs().max() > 0
+
+
+def test_resume_continues_the_same_schedule(tiny_qwen_dir, tmp_path):
+    straight = str(tmp_path / "straight")
+    keep_all = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_top_k=-1",
+                f"--trainer.callbacks.dirpath={tmp_path / 'every_epoch'}"]
+    main(fit_args(tiny_qwen_dir, straight, *keep_all, epochs=2))
+    first_epoch = glob.glob(str(tmp_path / "every_epoch" / "epoch=0*.ckpt"))
+    assert len(first_epoch) == 1
+    resumed = str(tmp_path / "resumed")
+    main(fit_args(tiny_qwen_dir, resumed, f"--ckpt_path={first_epoch[0]}", epochs=2))
+    a = torch.load(glob.glob(str(tmp_path / "every_epoch" / "epoch=1*.ckpt"))[0], weights_only=False)
+    b = _checkpoint(resumed)
+    assert a["global_step"] == b["global_step"] == 8
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=1e-6, rtol=0)
+
+
+def _fsdp_run(model_dir: str, root: str, devices: int, batch: int) -> dict:
+    args = fit_args(model_dir, root, "--data.shuffle=false", epochs=1)
+    args = [a for a in args if not a.startswith(("--trainer.devices", "--data.batch_size"))]
+    args += [f"--trainer.devices={devices}", f"--data.batch_size={batch}",
+             "--trainer.strategy=diep_lightning.strategy.DiEPModelParallelStrategy",
+             "--trainer.strategy.process_group_backend=gloo"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "diep_lightning", *args], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _checkpoint(root)
+
+
+def test_fsdp2_two_processes_match_one_process(tiny_mixtral_dir, tmp_path):
+    single = str(tmp_path / "single")
+    main(fit_args(tiny_mixtral_dir, single, "--data.shuffle=false", epochs=1))
+    two = _fsdp_run(tiny_mixtral_dir, str(tmp_path / "fsdp2"), devices=2, batch=2)
+    one = _checkpoint(single)
+    assert two["global_step"] == one["global_step"]
+    for key in one["state_dict"]:
+        torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], atol=1e-5, rtol=1e-4)
+    assert os.path.getsize(glob.glob(os.path.join(str(tmp_path / "fsdp2"), "**", "*.ckpt"), recursive=True)[0]) < 64_000
