@@ -3,7 +3,8 @@
 Each is usable from YAML (``trainer.callbacks``) or the command line (``--trainer.callbacks+=ExpertMerging``).
 """
 
+from diep_lightning.callbacks.lm_eval import LmEvalValidation
 from diep_lightning.callbacks.merging import ExpertMerging
 from diep_lightning.callbacks.pruning import GlobalExpertPruning
 
-__all__ = ["ExpertMerging", "GlobalExpertPruning"]
+__all__ = ["ExpertMerging", "GlobalExpertPruning", "LmEvalValidation"]

@@ -74,3 +74,23 @@ def test_existing_export_dir_fails_before_the_search(tiny_mixtral_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: export_dir:") and "overwrite" in err[-1]
     assert not list(tmp_path.glob("**/*.ckpt")), "nothing may run after bad input"
+
+
+def test_lm_eval_callback_reports_baseline_and_pruned(tiny_mixtral_dir, tmp_path, capsys):
+    export = tmp_path / "export"
+    main(fit_args(tiny_mixtral_dir, str(tmp_path), "--trainer.callbacks+=GlobalExpertPruning",
+                  "--trainer.callbacks.sparsity=0.25", f"--trainer.callbacks.export_dir={export}",
+                  "--trainer.callbacks+=LmEvalValidation", "--trainer.callbacks.limit=3",
+                  "--trainer.callbacks.tasks=[kit_blimp_causative,kit_wikitext2]", epochs=1))
+    summary = json.loads((export / "lm_eval.json").read_text())
+    assert set(summary["baseline"]) == set(summary["pruned"]) and "kit_wikitext2/word_perplexity" in summary["pruned"]
+    assert 0.0 <= summary["pruned"]["kit_blimp_causative/acc"] <= 1.0
+    out = capsys.readouterr().out
+    assert "lm-eval baseline" in out and "lm-eval pruned" in out
+
+
+def test_unknown_lm_eval_task_fails_in_one_line(tiny_mixtral_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args(tiny_mixtral_dir, str(tmp_path), "--trainer.callbacks+=LmEvalValidation",
+                      "--trainer.callbacks.tasks=[kit_blimpp]"))
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: tasks: unknown task 'kit_blimpp'")

@@ -20,6 +20,7 @@ from .kit import (
     list_kit_tasks,
     render_tasks,
     resolve_data_dir,
+    validate_tasks,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "list_kit_tasks",
     "render_tasks",
     "resolve_data_dir",
+    "validate_tasks",
 ]

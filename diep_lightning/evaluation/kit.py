@@ -458,3 +458,22 @@ def evaluate(
     if raw is None:  # non-zero rank in a distributed run
         return {}
     return flatten_results(raw, names)
+
+
+def validate_tasks(tasks: str | Iterable[str], data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Check task names before any model work: kit names against the rendered kit, other names against
+    lm-eval's own index (about 10 s, only when a non-kit name is given).
+
+    Raises:
+        ValueError: one line naming ``tasks``, with a "did you mean" suggestion.
+    """
+    names = _parse_tasks(tasks)
+    kit = render_tasks(data_dir)  # cached per data directory
+    if _check_tasks(names, kit):
+        from lm_eval.tasks import TaskManager
+
+        known = set(TaskManager().all_tasks)
+        for name in names:
+            if name not in kit.names and name not in known:
+                raise _unknown_task_error(name, kit, sorted(known))
+    return names
