@@ -6,5 +6,6 @@ Each is usable from YAML (``trainer.callbacks``) or the command line (``--traine
 from diep_lightning.callbacks.lm_eval import LmEvalValidation
 from diep_lightning.callbacks.merging import ExpertMerging
 from diep_lightning.callbacks.pruning import GlobalExpertPruning
+from diep_lightning.callbacks.skipping import SkipCalibration
 
-__all__ = ["ExpertMerging", "GlobalExpertPruning", "LmEvalValidation"]
+__all__ = ["ExpertMerging", "GlobalExpertPruning", "LmEvalValidation", "SkipCalibration"]

@@ -1,0 +1,93 @@
+"""SkipCalibration: calibrate DiEP's adaptive expert skipping and install it in the model (after pruning)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from diep_lightning.calibration import observe_blocks
+from diep_lightning.callbacks.merging import calibration_batches
+from diep_lightning.pruning import PruningPlan
+from diep_lightning.skipping import calibrate_block, install_skipping
+
+
+class SkipCalibration(Callback):
+    """Calibrate per-layer skipping thresholds on calibration tokens and install skipping in the model.
+
+    With :class:`GlobalExpertPruning` it runs on the survivors once experts are removed, and the gammas go
+    into the export's ``pruning.json`` (``load_pruned`` re-installs skipping). Without a pruning callback it
+    calibrates and installs skipping on the unpruned model at fit end (``pl_module.skipping_model``).
+
+    Args:
+        renormalize: rescale the surviving routing weights to their original sum when a slot is skipped.
+        max_tokens: calibration tokens per layer.
+        num_batches: calibration batches taken from the datamodule.
+    """
+
+    def __init__(self, renormalize: bool = False, max_tokens: int = 4096, num_batches: int = 4) -> None:
+        super().__init__()
+        if max_tokens <= 0 or num_batches <= 0:
+            raise ValueError(f"max_tokens/num_batches: must be > 0, got {max_tokens!r}/{num_batches!r}")
+        self.renormalize = bool(renormalize)
+        self.max_tokens, self.num_batches = int(max_tokens), int(num_batches)
+        self.gammas: dict[int, list[list[float]]] = {}
+        self.skipped_fraction: dict[int, float] = {}
+        self.hooks: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        low = [b.index for b in pl_module.blocks if b.top_k < 2]
+        if low:
+            raise ValueError(f"SkipCalibration: skipping needs top-k >= 2 routing, MoE layers {low} route top-1; "
+                             "drop the SkipCalibration callback for this model")
+
+    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any) -> dict[str, Any]:
+        """Compute and install the thresholds on ``model``; return what goes into ``pruning.json``."""
+        family = pl_module.family
+        batches = calibration_batches(trainer, self.num_batches)
+        observations = observe_blocks(model, family, batches, self.max_tokens)
+        gammas = {}
+        for block in family.blocks(model):
+            result = calibrate_block(family, block, observations[block.index])
+            gammas[block.index] = result["gamma"]
+        self.hooks = install_skipping(model, gammas, renormalize=self.renormalize)
+        model.diep_skipping = self.hooks
+        self.gammas = {i: g.tolist() for i, g in gammas.items()}
+        # measure the fraction of expert slots skipped on the calibration batches
+        self.hooks.stats.clear()
+        observe_blocks(model, family, batches, None)
+        self.skipped_fraction = {i: s[0] / max(1, s[1]) for i, s in self.hooks.stats.items()}
+        self.hooks.stats.clear()
+        metrics = {f"skip/fraction/layer_{i}": f for i, f in self.skipped_fraction.items()}
+        if self.skipped_fraction:
+            metrics["skip/fraction/mean"] = sum(self.skipped_fraction.values()) / len(self.skipped_fraction)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        shown = ", ".join(f"{f:.3f}" for f in self.skipped_fraction.values())
+        print(f"[diep_lightning] skipping calibrated; fraction of expert calls skipped per layer: {shown}")
+        return {"skip_gammas": {str(i): g for i, g in self.gammas.items()}, "skip_renormalize": self.renormalize,
+                "skip_fraction": {str(i): f for i, f in self.skipped_fraction.items()}}
+
+    def on_experts_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
+                           plan: PruningPlan) -> None:
+        plan.extra.update(self.calibrate(trainer, pl_module, model))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from diep_lightning.callbacks.pruning import GlobalExpertPruning
+
+        if trainer.interrupted or any(isinstance(c, GlobalExpertPruning) for c in trainer.callbacks):
+            return
+        model = pl_module.release_model()
+        if model is not None:
+            with torch.no_grad():
+                self.calibrate(trainer, pl_module, model)
+            pl_module.skipping_model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gammas": {str(k): v for k, v in self.gammas.items()}, "skipped_fraction": self.skipped_fraction}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.gammas = {int(k): v for k, v in state_dict.get("gammas", {}).items()}
+        self.skipped_fraction = state_dict.get("skipped_fraction", {})

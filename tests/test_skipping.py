@@ -1,0 +1,101 @@
+"""Adaptive expert skipping: exactness at gamma 0, real work removed, gammas through export and reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
+from torch.overrides import TorchFunctionMode
+
+from diep_lightning import load_pruned
+from diep_lightning.callbacks import GlobalExpertPruning, SkipCalibration
+from diep_lightning.families import get_family
+from diep_lightning.main import main
+from diep_lightning.skipping import install_skipping
+from diep_lightning.testing import TINY_CONFIGS, tiny_model
+
+TOKENS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_gamma_zero_reproduces_unskipped_logits(model_type):
+    model = tiny_model(model_type)
+    reference = _logits(model)
+    blocks = get_family(model).blocks(model)
+    hooks = install_skipping(model, {b.index: torch.zeros(b.num_experts, b.num_experts) for b in blocks})
+    assert torch.equal(_logits(model), reference)
+    assert all(skipped == 0 for skipped, _ in hooks.stats.values())
+
+
+class _RowCounter(TorchFunctionMode):
+    """Counts rows pushed through F.linear with a given weight shape (an expert's gate_up projection)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.rows = tuple(shape), 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear and tuple(args[1].shape) == self.shape:
+            self.rows += args[0].shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+def test_skipped_experts_are_not_computed():
+    model = tiny_model("mixtral", experts_implementation="eager")
+    family = get_family(model)
+    blocks = family.blocks(model)
+    shape = blocks[0].experts.gate_up_proj.shape[1:]
+    with _RowCounter(shape) as full:
+        reference = _logits(model)
+    tokens = TOKENS.numel()
+    assert full.rows == 2 * tokens * len(blocks)  # top-2 in every layer
+    hooks = install_skipping(model, {b.index: torch.full((8, 8), 1e9) for b in blocks})
+    with _RowCounter(shape) as skipped:
+        out = _logits(model)
+    assert skipped.rows == tokens * len(blocks), "only each token's top expert may run"
+    assert all(s == tokens for s, _ in hooks.stats.values())
+    assert not torch.equal(out, reference)
+
+
+def test_partial_skipping_only_drops_small_weights():
+    model = tiny_model("qwen3_moe")
+    blocks = get_family(model).blocks(model)
+    hooks = install_skipping(model, {b.index: torch.full((8, 8), 0.5) for b in blocks})
+    _logits(model)
+    fractions = [s / t for s, t in hooks.stats.values()]
+    assert all(0.0 < f < 0.5 for f in fractions), fractions
+
+
+def test_gammas_survive_export_and_reload(tiny_mixtral_dir, tmp_path):
+    export = tmp_path / "export"
+    cli = main(fit_args(tiny_mixtral_dir, str(tmp_path), "--trainer.callbacks+=GlobalExpertPruning",
+                        "--trainer.callbacks.sparsity=0.25", f"--trainer.callbacks.export_dir={export}",
+                        "--trainer.callbacks+=SkipCalibration", epochs=1))
+    pruning = next(c for c in cli.trainer.callbacks if isinstance(c, GlobalExpertPruning))
+    skip = next(c for c in cli.trainer.callbacks if isinstance(c, SkipCalibration))
+    record = json.loads((export / "pruning.json").read_text())
+    gammas = record["plan"]["extra"]["skip_gammas"]
+    assert {int(k) for k in gammas} == {0, 1}
+    for k, rows in gammas.items():
+        assert len(rows) == len(record["layers"][int(k)]["kept"])  # calibrated on the survivors
+    assert all(0.0 <= f <= 0.5 for f in skip.skipped_fraction.values())
+    tokens = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(3))
+    loaded = load_pruned(export)
+    assert hasattr(loaded, "diep_skipping")
+    torch.testing.assert_close(_logits(loaded, tokens), _logits(pruning.pruned_model, tokens), atol=1e-6, rtol=0)
+    plain = load_pruned(export, skipping=False)
+    assert not hasattr(plain, "diep_skipping")
+
+
+def test_skipping_refuses_top1_routing():
+    model = tiny_model("mixtral", num_experts_per_tok=1)
+    blocks = get_family(model).blocks(model)
+    with pytest.raises(ValueError, match="top-k >= 2"):
+        install_skipping(model, {b.index: torch.zeros(8, 8) for b in blocks})
