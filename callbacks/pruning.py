@@ -67,6 +67,8 @@ class GlobalExpertPruning(Callback):
 
         select_experts([torch.zeros(b.num_experts) for b in blocks], self.sparsity, [b.top_k for b in blocks],
                        self.mode)
+        if hasattr(pl_module, "check_pruning"):
+            pl_module.check_pruning(self.sparsity, self.mode)
         target = self._target(trainer)
         if self.export and target.exists() and not self.overwrite:
             raise FileExistsError(f"export_dir: {target} already exists; choose another export_dir or set "
@@ -82,7 +84,7 @@ class GlobalExpertPruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:  # a stopped search has no final scores to prune by
             return
-        scores = pl_module.expert_scores()
+        scores = pl_module.expert_scores(sparsity=self.sparsity, mode=self.mode)
         model = pl_module.release_model()
         if model is None:  # non-zero ranks of a sharded run: rank 0 prunes and exports
             return
@@ -98,9 +100,10 @@ class GlobalExpertPruning(Callback):
         after = size_report(model, family)
         self._log_summary(trainer, plan, original, after)
         if self.export:
+            method = self.method if getattr(pl_module, "scorer", None) is None else pl_module.hparams.method
             path, figures = export_pruned(model, plan, self._target(trainer), source=pl_module.model_path,
                                           original=original, tokenizer=pl_module.load_tokenizer(),
-                                          overwrite=self.overwrite, method=self.method)
+                                          overwrite=self.overwrite, method=method)
             self.export_path = path
             self._log_figures(trainer, figures)
             print(f"[diep_lightning] pruned {plan.num_removed} experts ({plan.mode}, sparsity {plan.sparsity}); "

@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from diep_lightning.baselines import make_scorer
 from diep_lightning.families import MoEBlock, get_family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,6 +98,10 @@ class DiEPModule(LightningModule):
         trust_remote_code: passed to transformers.
         experts_implementation: transformers experts kernel ("eager", "batched_mm", "grouped_mm"; None:
             transformers' default).
+        method: "diep" (the search), or a baseline scored from one pass over the calibration data with the
+            same pruning and export: "random", "frequency", "reap", "naee" (see :mod:`diep_lightning.baselines`).
+        random_seed: seed of the "random" baseline.
+        naee_max_subsets: NAEE refuses layers with more subsets than this.
     """
 
     def __init__(
@@ -115,6 +120,9 @@ class DiEPModule(LightningModule):
         gradient_clip_val: float | None = 1.0,
         trust_remote_code: bool = False,
         experts_implementation: str | None = None,
+        method: Literal["diep", "random", "frequency", "reap", "naee"] = "diep",
+        random_seed: int = 0,
+        naee_max_subsets: int = 20_000,
     ) -> None:
         super().__init__()
         if dtype not in DTYPES:
@@ -130,6 +138,7 @@ class DiEPModule(LightningModule):
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val: must be > 0 or null, got {gradient_clip_val!r}")
         self.ratio = parse_ratio(alpha_beta_ratio)
+        self.scorer = make_scorer(method, seed=random_seed, naee_max_subsets=naee_max_subsets)
         self.model_path = resolve_model_path(model_name_or_path)
         self.hf_config = load_config(self.model_path, trust_remote_code)
         self.family = get_family(self.hf_config)  # unknown / dense model types fail here, before any weight
@@ -171,6 +180,11 @@ class DiEPModule(LightningModule):
         self._scaling = self.family.install_scaling(self.blocks, self.expert_scale)
         self._capture_handles = [block.module.register_forward_hook(self._capture_hook(block.index))
                                  for block in self.blocks]
+        if self.scorer is not None:
+            scorer, family = self.scorer, self.family
+            self._statistics = family.install_routing_capture(
+                self.blocks, lambda block, h, i, w: scorer.observe(family, block, h, i, w))
+            self._statistics.enabled = False
         self._maybe_shard()
 
     def on_train_epoch_start(self) -> None:
@@ -242,8 +256,15 @@ class DiEPModule(LightningModule):
             alpha = alpha * alpha.numel()
         return self.beta[index] * alpha
 
-    def expert_scores(self) -> list[torch.Tensor]:
-        """Pruning scores alpha_i^(l) * beta^(l) (eq. 10), detached, on CPU."""
+    def check_pruning(self, sparsity: float, mode: str) -> None:
+        """Called by the pruning callback before the search: a baseline that cannot prune so fails now."""
+        if self.scorer is not None:
+            self.scorer.check(self.blocks, sparsity, mode)
+
+    def expert_scores(self, sparsity: float | None = None, mode: str | None = None) -> list[torch.Tensor]:
+        """Pruning scores: alpha_i^(l) * beta^(l) (eq. 10) for DiEP, the baseline's scores otherwise; on CPU."""
+        if self.scorer is not None:
+            return [s.detach().float().cpu() for s in self.scorer.scores(self.family, self.blocks, sparsity, mode)]
         return [(torch.softmax(a.detach(), 0) * b.detach()).float().cpu() for a, b in zip(self.alpha_logits, self.beta)]
 
     # ------------------------------------------------------------------ forward passes
@@ -295,7 +316,9 @@ class DiEPModule(LightningModule):
         n_alpha, n_beta = self.ratio
         return "alpha" if self.global_step % (n_alpha + n_beta) < n_alpha else "beta"
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if self.scorer is not None:
+            return self._statistics_step(batch)
         opt_alpha, opt_beta = self.optimizers()
         sched_alpha, sched_beta = self.lr_schedulers()
         phase = self.current_phase()
@@ -320,6 +343,21 @@ class DiEPModule(LightningModule):
             sched_beta.step()
         self._log_step(losses, phase, opt_alpha, opt_beta)
         return losses["loss"]
+
+    @torch.no_grad()
+    def _statistics_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """A baseline's only work: route the batch through the unscaled model and let the scorer watch."""
+        self._statistics.enabled = True
+        try:
+            with self._scaling.disabled():
+                self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        finally:
+            self._statistics.enabled = False
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        if self.scorer is not None:  # baselines need a single pass over the calibration data
+            self.trainer.should_stop = True
 
     def _sync_replicated_grads(self) -> None:
         """Average alpha/beta gradients across ranks under FSDP2 (DDP does this itself)."""
