@@ -37,6 +37,13 @@ class ExpertMerging(Callback):
         self.num_batches = int(num_batches)
         self.groups: list[dict[int, dict[str, list[float]]]] = []
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from diep_lightning.callbacks.pruning import GlobalExpertPruning
+
+        if stage == "fit" and not any(isinstance(c, GlobalExpertPruning) for c in trainer.callbacks):
+            raise ValueError("ExpertMerging: nothing is pruned, so there is nothing to merge; add the "
+                             "GlobalExpertPruning callback or drop ExpertMerging")
+
     def on_experts_selected(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                             plan: PruningPlan) -> None:
         if plan.num_removed == 0:

@@ -12,6 +12,7 @@ of these methods (no registration needed; they are called in ``trainer.callbacks
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,9 +51,8 @@ class GlobalExpertPruning(Callback):
         self.plan: PruningPlan | None = None
         self.export_path: Path | None = None
         self.pruned_model: Any = None
-        if export_dir is not None and Path(export_dir).exists() and not overwrite:
-            raise FileExistsError(f"export_dir: {export_dir} already exists; choose another export_dir or set "
-                                  "overwrite=True")
+        if export_dir is not None:
+            check_export_dir(Path(export_dir), self.overwrite)
 
     # ------------------------------------------------------------------ checks before the search
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -69,10 +69,8 @@ class GlobalExpertPruning(Callback):
                        self.mode)
         if hasattr(pl_module, "check_pruning"):
             pl_module.check_pruning(self.sparsity, self.mode)
-        target = self._target(trainer)
-        if self.export and target.exists() and not self.overwrite:
-            raise FileExistsError(f"export_dir: {target} already exists; choose another export_dir or set "
-                                  "overwrite=True")
+        if self.export:
+            check_export_dir(self._target(trainer), self.overwrite)
 
     def _target(self, trainer: pl.Trainer) -> Path:
         if self.export_dir is not None:
@@ -141,3 +139,17 @@ class GlobalExpertPruning(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plan = PruningPlan.from_dict(state_dict["plan"]) if state_dict.get("plan") else None
         self.export_path = Path(state_dict["export_path"]) if state_dict.get("export_path") else None
+
+
+def check_export_dir(target: Path, overwrite: bool) -> None:
+    """Fail now, not after the search, if the export could not be written."""
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"export_dir: {target} already exists; choose another export_dir or set overwrite=True")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"export_dir: {ancestor} is a file, so {target} cannot be created; choose a "
+                                 "writable export_dir")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"export_dir: {ancestor} is not writable; choose a writable export_dir")

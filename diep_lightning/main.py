@@ -10,6 +10,7 @@ parser's exception chain.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -31,16 +32,28 @@ class DiEPCLI(LightningCLI):
 
 
 def _innermost_message(err: BaseException) -> str:
-    """The first line of the deepest cause: the project's own one-line message, not the parser's wrapper."""
+    """One line for the user: the deepest cause's first line (the project's own ``argument: ...`` message),
+    prefixed with the parser key it was given for when the message does not name one itself."""
+    key = None
     while True:
-        nxt = err.__cause__ or err.__context__
+        found = _PARSER_KEY.search(str(err))
+        if found and key is None:
+            key = found.group(1)
+        nxt = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
         if nxt is None or not isinstance(nxt, Exception):
             break
         err = nxt
     text = str(err).strip() or type(err).__name__
     if isinstance(err, KeyError):
         text = text.strip("'\"")
-    return text.splitlines()[0]
+    text = _PARSER_KEY.sub("", text.splitlines()[0]).strip() or text.splitlines()[0]
+    if key and not _NAMES_ARGUMENT.match(text):
+        text = f"{key}: {text}"
+    return text
+
+
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)":?')
+_NAMES_ARGUMENT = re.compile(r"^[\w.\[\]]+: ")
 
 
 def cli(args: list[str] | None = None) -> DiEPCLI:

@@ -71,7 +71,7 @@ def load_config(model_name_or_path: str, trust_remote_code: bool = False) -> Any
 
     try:
         return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model_name_or_path: cannot load a config from {model_name_or_path!r} ({first})") from None
 
@@ -324,9 +324,11 @@ class DiEPModule(LightningModule):
         phase = self.current_phase()
         losses = self.compute_losses(batch)
         if not torch.isfinite(losses["loss"]):
+            saved = self._save_last_good()
             raise FloatingPointError(
-                f"loss: non-finite loss ({losses['loss'].item()}) at step {self.global_step}; the last good "
-                "alpha/beta are in the last checkpoint; lower the learning rate or lambda"
+                f"loss: non-finite loss ({losses['loss'].item()}) at step {self.global_step} "
+                f"(ce {losses['ce'].item()}, reconstruction {losses['reconstruction'].item()}); the search stopped "
+                f"and the last good alpha/beta are in {saved}; lower the learning rates or lambda"
             )
         opt_alpha.zero_grad(set_to_none=True)
         opt_beta.zero_grad(set_to_none=True)
@@ -358,6 +360,16 @@ class DiEPModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.scorer is not None:  # baselines need a single pass over the calibration data
             self.trainer.should_stop = True
+
+    def _save_last_good(self) -> str:
+        """Write the current (last finite) alpha/beta next to the logs; return the path."""
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / "last_good_scores.pt"
+        if self.trainer.is_global_zero:
+            torch.save({"step": self.global_step, "state_dict": self.trainable_state_dict(),
+                        "scores": self.expert_scores()}, path)
+        return str(path)
 
     def _sync_replicated_grads(self) -> None:
         """Average alpha/beta gradients across ranks under FSDP2 (DDP does this itself)."""

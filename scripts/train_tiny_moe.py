@@ -1,0 +1,659 @@
+#!/usr/bin/env python3
+"""Train a tiny Mixture-of-Experts causal LM from scratch on the offline training corpus.
+
+The project ships two small, *trained* MoE language models so that expert pruning can be judged on
+real models (random weights cannot tell good pruning from bad):
+
+* ``models/tiny-mixtral``   -- ``MixtralForCausalLM``, 8 experts, top-2 routing.
+* ``models/tiny-qwen-moe``  -- ``Qwen2MoeForCausalLM``, 32 routed experts, top-4 routing, one shared
+  expert with its sigmoid gate, every layer sparse.
+
+Both share one byte-level BPE tokenizer (vocab 8192) trained on the same text. The text is every file
+of ``<data-dir>/train_corpus`` (C4 validation 2k, Gutenberg, State-of-the-Union, inaugural addresses,
+tiny-shakespeare, WikiText-2 *validation*). ``<data-dir>/eval`` (WikiText-2 test, BLiMP, ...) and
+``<data-dir>/calibration`` are never read.
+
+Reproduce the shipped models (CPU, one thread each, both runs may go in parallel after step 1)::
+
+    python3 scripts/train_tiny_moe.py --tokenizer-only --out models/tiny-mixtral
+    python3 scripts/train_tiny_moe.py --arch mixtral --out models/tiny-mixtral \
+        --tokenizer models/tiny-mixtral --seed 0 --max-steps 640 --max-minutes 55 --threads 1
+    python3 scripts/train_tiny_moe.py --arch qwen-moe --out models/tiny-qwen-moe \
+        --tokenizer models/tiny-mixtral --seed 0 --max-steps 640 --max-minutes 55 --threads 1
+    python3 scripts/quick_eval.py --model models/tiny-mixtral --update-log
+    python3 scripts/quick_eval.py --model models/tiny-qwen-moe --update-log
+
+The final model is the result of exactly ``--max-steps`` optimizer steps (deterministic for a fixed
+seed and thread count); ``--max-minutes`` is only a safety stop, and ``training_log.json`` records
+``stopped_by_time_limit`` if it ever fired.
+
+Each output directory receives ``model.safetensors`` (fp32), ``config.json``,
+``generation_config.json``, the tokenizer files and ``training_log.json`` (arch, seed, steps, tokens
+seen, wall time, final training loss, validation loss/perplexity on the held-out last 1% of the token
+stream, per-layer expert-usage histogram on that split, and the exact command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+EOT = "<|endoftext|>"
+VOCAB_SIZE = 8192
+CHUNK_CHARS = 8000  # long files are cut at paragraph breaks into pieces of about this size
+DATA_SHUFFLE_SEED = 1234  # fixed: the train/validation split does not depend on --seed
+VAL_FRACTION = 0.01
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def _split_paragraph_chunks(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
+    """Cut a long text at blank lines into pieces of at most about ``max_chars`` characters.
+
+    Args:
+        text: The text of one file.
+        max_chars: Target upper size of a piece (a single longer paragraph stays whole).
+
+    Returns:
+        Non-empty pieces whose concatenation (with blank lines) is the original text.
+    """
+    paragraphs = re.split(r"\n\s*\n", text)
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for para in paragraphs:
+        if current and size + len(para) > max_chars:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(para)
+        size += len(para) + 2
+    if current:
+        chunks.append("\n\n".join(current))
+    return [c.strip("\n") for c in chunks if c.strip()]
+
+
+def load_documents(data_dir: Path) -> list[str]:
+    """Read every training document of ``<data_dir>/train_corpus`` in a fixed order.
+
+    C4 records are one document each; every other file is cut into paragraph-aligned pieces so that
+    the deterministic document shuffle mixes sources. README files (corpus metadata) are skipped.
+
+    Args:
+        data_dir: The shared data directory (holding ``train_corpus/``).
+
+    Returns:
+        The list of document strings.
+
+    Raises:
+        FileNotFoundError: If the training corpus is missing.
+    """
+    corpus = data_dir / "train_corpus"
+    if not corpus.is_dir():
+        raise FileNotFoundError(f"training corpus not found: {corpus}")
+    docs: list[str] = []
+    with open(corpus / "c4_en_validation_2k.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                text = json.loads(line)["text"].strip()
+                if text:
+                    docs.append(text)
+    files = sorted((corpus / "gutenberg").glob("*.txt"))
+    files += sorted((corpus / "state_union").glob("*.txt"))
+    files += sorted((corpus / "inaugural").glob("*.txt"))
+    files += [corpus / "tinyshakespeare.txt", corpus / "wikitext2_valid.txt"]
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+        docs.extend(_split_paragraph_chunks(text))
+    return docs
+
+
+def shuffle_documents(docs: list[str], seed: int = DATA_SHUFFLE_SEED) -> list[str]:
+    """Return the documents in a deterministic pseudo-random order.
+
+    Args:
+        docs: Documents in reading order.
+        seed: Shuffle seed.
+
+    Returns:
+        A shuffled copy.
+    """
+    out = list(docs)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def tokenize_stream(tokenizer: Any, docs: list[str]) -> torch.Tensor:
+    """Encode documents into one token stream, each document preceded by ``<|endoftext|>``.
+
+    Args:
+        tokenizer: A ``PreTrainedTokenizerFast``.
+        docs: Documents in stream order.
+
+    Returns:
+        A 1-D ``torch.long`` tensor of token ids.
+    """
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    encoded = tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
+    ids: list[int] = []
+    for enc in encoded:
+        ids.append(eot)
+        ids.extend(enc.ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+def train_tokenizer(docs: list[str], vocab_size: int = VOCAB_SIZE) -> Any:
+    """Train a GPT-2 style byte-level BPE tokenizer and wrap it as ``PreTrainedTokenizerFast``.
+
+    Args:
+        docs: Training documents.
+        vocab_size: Target vocabulary size, special token included.
+
+    Returns:
+        The fast tokenizer; ``<|endoftext|>`` (id 0) is its bos, eos, unk and pad token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOT,
+        eos_token=EOT,
+        unk_token=EOT,
+        pad_token=EOT,
+        model_max_length=256,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def get_tokenizer(tokenizer_dir: Path | None, docs: list[str]) -> Any:
+    """Load the tokenizer from ``tokenizer_dir`` if it holds one, else train a new one.
+
+    Args:
+        tokenizer_dir: Directory with saved tokenizer files, or ``None``.
+        docs: Training documents (used only when training).
+
+    Returns:
+        The fast tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        print(f"[tok] loading tokenizer from {tokenizer_dir}", flush=True)
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    print(f"[tok] training byte-level BPE (vocab {VOCAB_SIZE}) on {len(docs)} documents", flush=True)
+    return train_tokenizer(docs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+def build_config(arch: str, tokenizer: Any, seq_len: int, aux_coef: float) -> Any:
+    """Create the model configuration for one architecture.
+
+    Args:
+        arch: ``"mixtral"`` or ``"qwen-moe"``.
+        tokenizer: The tokenizer (for vocabulary size and special token ids).
+        seq_len: Training context length (stored as ``max_position_embeddings``).
+        aux_coef: Router load-balancing loss coefficient.
+
+    Returns:
+        A ``MixtralConfig`` or ``Qwen2MoeConfig``; ``output_router_logits`` is left ``False`` so the
+        saved model behaves like a stock checkpoint (training passes it explicitly).
+    """
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    common: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq_len,
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+        output_router_logits=False,
+        router_aux_loss_coef=aux_coef,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    if arch == "mixtral":
+        return MixtralConfig(
+            hidden_size=192,
+            intermediate_size=224,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+            **common,
+        )
+    if arch == "qwen-moe":
+        return Qwen2MoeConfig(
+            hidden_size=160,
+            intermediate_size=256,  # dense-MLP width; unused because every layer is sparse
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=256,
+            num_experts=32,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=False,
+            qkv_bias=True,
+            **common,
+        )
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def build_model(config: Any, experts_impl: str) -> torch.nn.Module:
+    """Instantiate a freshly initialised causal LM for ``config``.
+
+    Args:
+        config: A model configuration from :func:`build_config`.
+        experts_impl: Experts kernel used for training (``eager``, ``batched_mm`` or ``grouped_mm``).
+
+    Returns:
+        The model, in fp32, in training mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.set_experts_implementation(experts_impl)
+    model.train()
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms, biases).
+
+    Args:
+        model: The model.
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay for >= 2-D parameters.
+
+    Returns:
+        The optimizer.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_at(step: int, max_steps: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio * peak``.
+
+    Args:
+        step: Zero-based optimizer step.
+        max_steps: Total number of steps.
+        peak: Peak learning rate.
+        warmup: Warm-up steps.
+        min_ratio: Final learning rate as a fraction of ``peak``.
+
+    Returns:
+        The learning rate for ``step``.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class BatchSampler:
+    """Epoch-wise shuffled, non-overlapping windows over a token stream.
+
+    Each epoch starts at a random offset below ``seq_len``, cuts the stream into windows of
+    ``seq_len`` tokens and visits them in a random order, so one epoch sees every token once.
+
+    Args:
+        stream: 1-D token tensor.
+        seq_len: Window length.
+        batch_size: Windows per batch.
+        generator: Seeded generator (the only source of randomness).
+    """
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
+        self.stream = stream
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.gen = generator
+        self.epoch = 0
+        self._order: list[int] = []
+
+    def _new_epoch(self) -> None:
+        offset = int(torch.randint(0, self.seq_len, (1,), generator=self.gen))
+        n = (len(self.stream) - offset) // self.seq_len
+        starts = offset + torch.randperm(n, generator=self.gen) * self.seq_len
+        self._order = starts.tolist()
+        self.epoch += 1
+
+    def next(self) -> torch.Tensor:
+        """Return the next ``(batch_size, seq_len)`` batch of token ids."""
+        if len(self._order) < self.batch_size:
+            self._new_epoch()
+        starts, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        return torch.stack([self.stream[s : s + self.seq_len] for s in starts])
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation on the held-out split
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_split(model: torch.nn.Module, stream: torch.Tensor, seq_len: int, batch_size: int = 16) -> dict[str, Any]:
+    """Token-level loss/perplexity and per-layer expert usage on non-overlapping windows.
+
+    Args:
+        model: The causal LM (an MoE from this script).
+        stream: 1-D token tensor (the held-out split).
+        seq_len: Window length.
+        batch_size: Windows per forward pass.
+
+    Returns:
+        ``{"loss", "perplexity", "tokens", "expert_usage"}`` where ``expert_usage[l][e]`` is the fraction
+        of layer ``l``'s routed (token, slot) assignments that went to expert ``e``.
+    """
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    n_exp = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    top_k = cfg.num_experts_per_tok
+    n_win = len(stream) // seq_len
+    windows = stream[: n_win * seq_len].view(n_win, seq_len)
+    counts = torch.zeros(cfg.num_hidden_layers, n_exp, dtype=torch.float64)
+    nll, ntok = 0.0, 0
+    for i in range(0, n_win, batch_size):
+        x = windows[i : i + batch_size]
+        out = model(input_ids=x, output_router_logits=True, use_cache=False)
+        logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        nll -= logp.gather(-1, x[:, 1:, None]).sum().item()
+        ntok += x[:, 1:].numel()
+        for layer, logits in enumerate(out.router_logits):
+            idx = logits.topk(top_k, dim=-1).indices.reshape(-1)
+            counts[layer] += torch.bincount(idx, minlength=n_exp).double()
+    model.train(was_training)
+    loss = nll / max(1, ntok)
+    usage = (counts / counts.sum(dim=1, keepdim=True)).tolist()
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": ntok, "expert_usage": usage}
+
+
+def usage_summary(usage: list[list[float]]) -> dict[str, Any]:
+    """Summarise an expert-usage histogram.
+
+    Args:
+        usage: ``usage[layer][expert]`` fractions.
+
+    Returns:
+        Per-layer min/max fraction, max/min ratio relative to uniform, and count of unused experts.
+    """
+    out = []
+    for row in usage:
+        n = len(row)
+        out.append(
+            {
+                "min_frac": min(row),
+                "max_frac": max(row),
+                "max_over_uniform": max(row) * n,
+                "min_over_uniform": min(row) * n,
+                "unused_experts": sum(1 for v in row if v == 0.0),
+            }
+        )
+    return {"per_layer": out}
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line.
+
+    Args:
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The parsed namespace.
+    """
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=["mixtral", "qwen-moe"], default="mixtral")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=640, help="optimizer steps (fixes the result)")
+    p.add_argument("--max-minutes", type=float, default=55.0, help="safety wall-clock stop")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--tokenizer", type=Path, default=None, help="reuse the tokenizer saved in this dir")
+    p.add_argument("--tokenizer-only", action="store_true", help="train/save the tokenizer and exit")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--aux-coef", type=float, default=0.01, help="router load-balancing loss coefficient")
+    p.add_argument("--experts-impl", default="grouped_mm", choices=["eager", "batched_mm", "grouped_mm"],
+                   help="experts kernel used while training (the saved config keeps stock defaults)")
+    p.add_argument("--benchmark-experts", type=int, default=0, metavar="STEPS",
+                   help="time STEPS training steps with each experts kernel on random tokens, then exit")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=10)
+    return p.parse_args(argv)
+
+
+def benchmark_experts(args: argparse.Namespace, tokenizer: Any) -> dict[str, float]:
+    """Measure training throughput (tokens/s) of each experts kernel for ``args.arch``.
+
+    One warm-up step, then ``args.benchmark_experts`` timed forward+backward+AdamW steps on random
+    tokens with the training batch shape. An implementation that fails (e.g. ``batched_mm`` running out
+    of memory because it gathers one weight matrix per (token, expert) pair) is reported as 0.
+
+    Args:
+        args: Parsed command line (arch, batch size, sequence length, steps).
+        tokenizer: The tokenizer (for the vocabulary).
+
+    Returns:
+        ``{implementation: tokens_per_second}``.
+    """
+    results: dict[str, float] = {}
+    x = torch.randint(0, len(tokenizer), (args.batch_size, args.seq_len),
+                      generator=torch.Generator().manual_seed(args.seed))
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        cfg = build_config(args.arch, tokenizer, args.seq_len, args.aux_coef)
+        inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        gathered = 4 * 2 * cfg.num_hidden_layers * x.numel() * cfg.num_experts_per_tok * 3 * cfg.hidden_size * inter
+        if impl == "batched_mm" and gathered > 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+            print(f"[bench] {impl} skipped: gathers ~{gathered / 2**30:.1f} GiB of per-token expert weights "
+                  "(with gradients), more than half the RAM", flush=True)
+            results[impl] = 0.0
+            continue
+        torch.manual_seed(args.seed)
+        model = build_model(cfg, impl)
+        opt = make_optimizer(model, args.lr, args.weight_decay)
+        try:
+            for i in range(args.benchmark_experts + 1):
+                if i == 1:
+                    t = time.time()
+                out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            results[impl] = args.benchmark_experts * x.numel() / (time.time() - t)
+        except (RuntimeError, MemoryError) as err:  # pragma: no cover - depends on the machine
+            print(f"[bench] {impl} failed: {err}", flush=True)
+            results[impl] = 0.0
+        print(f"[bench] {args.arch} {impl}: {results[impl]:.0f} tok/s", flush=True)
+        del model, opt
+    return results
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+    """Save model (fp32 safetensors) and tokenizer with a stock-loadable config.
+
+    Args:
+        model: The trained model.
+        tokenizer: The tokenizer.
+        out: Output directory.
+    """
+    model.set_experts_implementation("grouped_mm")  # the stock default; not written to config.json
+    model.config.output_router_logits = False
+    model.config.use_cache = True
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run data preparation, training, held-out evaluation and saving.
+
+    Args:
+        args: Parsed command line.
+
+    Returns:
+        The training log dictionary (also written to ``<out>/training_log.json``).
+    """
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    docs = shuffle_documents(load_documents(args.data_dir))
+    tokenizer = get_tokenizer(args.tokenizer, docs)
+    if args.tokenizer_only:
+        tokenizer.save_pretrained(str(args.out))
+        print(f"[tok] saved tokenizer ({len(tokenizer)} tokens) to {args.out}", flush=True)
+        return {}
+    if args.benchmark_experts:
+        benchmark_experts(args, tokenizer)
+        return {}
+    stream = tokenize_stream(tokenizer, docs)
+    n_val = int(len(stream) * VAL_FRACTION)
+    train_ids, val_ids = stream[:-n_val], stream[-n_val:]
+    print(f"[data] {len(docs)} docs, {len(stream)} tokens: train {len(train_ids)}, val {len(val_ids)} "
+          f"({time.time() - t0:.0f}s)", flush=True)
+
+    config = build_config(args.arch, tokenizer, args.seq_len, args.aux_coef)
+    model = build_model(config, args.experts_impl)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[model] {type(model).__name__}: {n_params / 1e6:.3f}M params, experts impl "
+          f"{model.config._experts_implementation}", flush=True)
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    sampler = BatchSampler(train_ids, args.seq_len, args.batch_size, torch.Generator().manual_seed(args.seed))
+
+    lm_losses: list[float] = []
+    curve: list[dict[str, float]] = []
+    val_curve: list[dict[str, float]] = []
+    stopped_by_time = False
+    t_train = time.time()
+    step = 0
+    for step in range(args.max_steps):
+        if (time.time() - t0) / 60 > args.max_minutes:
+            stopped_by_time = True
+            print(f"[train] max-minutes reached at step {step}", flush=True)
+            break
+        lr = lr_at(step, args.max_steps, args.lr, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = sampler.next()
+        out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        aux = float(out.aux_loss.detach())
+        lm_loss = float(out.loss.detach()) - args.aux_coef * aux
+        lm_losses.append(lm_loss)
+        if (step + 1) % args.log_every == 0 or step == 0:
+            el = time.time() - t_train
+            tps = (step + 1) * x.numel() / el
+            print(f"[train] step {step + 1}/{args.max_steps} lr {lr:.2e} loss {lm_loss:.4f} aux {aux:.4f} "
+                  f"tok/s {tps:.0f} elapsed {el / 60:.1f}m epoch {sampler.epoch}", flush=True)
+            curve.append({"step": step + 1, "loss": sum(lm_losses[-args.log_every:]) / len(lm_losses[-args.log_every:]),
+                          "aux": aux})
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
+            ev = evaluate_split(model, val_ids, args.seq_len)
+            val_curve.append({"step": step + 1, "val_loss": ev["loss"], "val_ppl": ev["perplexity"]})
+            print(f"[val] step {step + 1} loss {ev['loss']:.4f} ppl {ev['perplexity']:.2f}", flush=True)
+    steps_done = len(lm_losses)
+    train_seconds = time.time() - t_train
+
+    ev = evaluate_split(model, val_ids, args.seq_len)
+    print(f"[val] final loss {ev['loss']:.4f} ppl {ev['perplexity']:.2f}", flush=True)
+    save_model(model, tokenizer, args.out)
+    log = {
+        "arch": args.arch,
+        "model_class": type(model).__name__,
+        "seed": args.seed,
+        "threads": args.threads,
+        "max_steps": args.max_steps,
+        "steps": steps_done,
+        "stopped_by_time_limit": stopped_by_time,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "tokens_seen": steps_done * args.batch_size * args.seq_len,
+        "epochs_started": sampler.epoch,
+        "train_tokens_available": len(train_ids),
+        "val_tokens": len(val_ids),
+        "params": n_params,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "weight_decay": args.weight_decay,
+        "router_aux_loss_coef": args.aux_coef,
+        "experts_implementation_for_training": args.experts_impl,
+        "train_wall_seconds": train_seconds,
+        "total_wall_seconds": time.time() - t0,
+        "final_train_loss_last50": sum(lm_losses[-50:]) / len(lm_losses[-50:]),
+        "val_loss": ev["loss"],
+        "val_perplexity": ev["perplexity"],
+        "val_expert_usage": ev["expert_usage"],
+        "val_expert_usage_summary": usage_summary(ev["expert_usage"]),
+        "loss_curve": curve,
+        "val_curve": val_curve,
+        "data": {
+            "data_dir": "train_corpus of the shared data dir (eval/ and calibration/ never read)",
+            "documents": len(docs),
+            "shuffle_seed": DATA_SHUFFLE_SEED,
+            "val_split": "last 1% of the shuffled token stream",
+        },
+        "torch_version": torch.__version__,
+        "command": shlex.join(["python3", *sys.argv]),
+    }
+    (args.out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    print(f"[done] saved to {args.out} in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
