@@ -1,0 +1,76 @@
+"""Faults: a search killed with SIGKILL resumes to the same result; the same seed gives the same pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
+
+from diep_lightning.main import main
+
+
+def _args(model_dir, root, export, *extra, epochs=12):
+    return fit_args(model_dir, str(root), "--trainer.callbacks+=GlobalExpertPruning",
+                    "--trainer.callbacks.sparsity=0.5", f"--trainer.callbacks.export_dir={export}",
+                    "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.save_last=true",
+                    f"--trainer.callbacks.dirpath={root}/ckpt", *extra, epochs=epochs)
+
+
+def _kept(export) -> list[list[int]]:
+    return [layer["kept"] for layer in json.loads((export / "pruning.json").read_text())["layers"]]
+
+
+def _scores(ckpt_path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt_path, weights_only=False)["state_dict"]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_mixtral_dir, tmp_path):
+    straight = tmp_path / "straight"
+    main(_args(tiny_mixtral_dir, straight, tmp_path / "export_straight"))
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "diep_lightning",
+                             *_args(tiny_mixtral_dir, killed, tmp_path / "export_killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    last = killed / "ckpt" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=False)["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "export_killed").exists(), "a killed run must not leave an export"
+
+    main(_args(tiny_mixtral_dir, killed, tmp_path / "export_killed", f"--ckpt_path={last}"))
+    assert _kept(tmp_path / "export_killed") == _kept(tmp_path / "export_straight")
+    a, b = _scores(straight / "ckpt" / "last.ckpt"), _scores(last)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_same_seed_same_pruning(tiny_mixtral_dir, tmp_path):
+    for run in ("a", "b"):
+        main(_args(tiny_mixtral_dir, tmp_path / run, tmp_path / f"export_{run}", epochs=3))
+    assert _kept(tmp_path / "export_a") == _kept(tmp_path / "export_b")
+    record_a = json.loads((tmp_path / "export_a" / "pruning.json").read_text())
+    record_b = json.loads((tmp_path / "export_b" / "pruning.json").read_text())
+    assert record_a["plan"]["scores"] == record_b["plan"]["scores"]
+
+
+@pytest.mark.slow
+def test_different_data_seed_changes_scores(tiny_mixtral_dir, tmp_path):
+    main(_args(tiny_mixtral_dir, tmp_path / "a", tmp_path / "export_a", "--data.seed=1", epochs=3))
+    main(_args(tiny_mixtral_dir, tmp_path / "b", tmp_path / "export_b", "--data.seed=2", epochs=3))
+    a = json.loads((tmp_path / "export_a" / "pruning.json").read_text())["plan"]["scores"]
+    b = json.loads((tmp_path / "export_b" / "pruning.json").read_text())["plan"]["scores"]
+    assert a != b
