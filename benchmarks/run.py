@@ -1,0 +1,379 @@
+"""Benchmark: DiEP against the baselines on the shipped models, and what the search and the pruned model cost.
+
+One command (from the repository root):
+
+    python benchmarks/run.py                                  # both shipped models, writes benchmarks/RESULTS.md
+    python benchmarks/run.py --models models/tiny-mixtral --limit 100 --seeds 0
+
+For each model, method and sparsity (25%, 50%) it prunes with the method's scores, evaluates the pruned model
+with the offline kit (WikiText-2 perplexity, BLiMP, ARC-Easy, PIQA, HellaSwag, COPA, LAMBADA) relative to the
+full model, and records exported expert bytes. DiEP and random run over several seeds (DiEP: calibration data
+seed). Then, side by side in one run, each method's search cost (wall time, peak resident memory, each in its
+own subprocess) against the floor: one plain forward + backward of the same model over the same batches and
+epochs. Finally decode tokens/s (greedy, batch 1 and 16) of the full, pruned, and pruned + skipping models.
+Writes ``RESULTS.md``, ``results.json`` and ``quality_vs_sparsity_<model>.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TASKS = ["kit_wikitext2", "kit_blimp", "kit_arc_easy", "kit_piqa", "kit_hellaswag", "kit_copa", "kit_lambada"]
+HEADLINE = {"kit_wikitext2": "word_perplexity", "kit_blimp": "acc", "kit_arc_easy": "acc", "kit_piqa": "acc",
+            "kit_hellaswag": "acc_norm", "kit_copa": "acc", "kit_lambada": "acc"}
+LOWER_IS_BETTER = {"kit_wikitext2"}
+
+
+# ---------------------------------------------------------------------------------------------- searching
+def _datamodule(model_dir: str, args: argparse.Namespace, seed: int):
+    from diep_lightning.data import CalibrationDataModule
+
+    return CalibrationDataModule(tokenizer=model_dir, num_samples=args.num_samples, seq_len=args.seq_len,
+                                 batch_size=args.batch_size, seed=seed)
+
+
+def search(model_dir: str, method: str, args: argparse.Namespace, data_seed: int = 42, random_seed: int = 0,
+           **module_kwargs: Any):
+    """Run a method's search (or statistics pass) and return the fitted module and its datamodule."""
+    import lightning.pytorch as pl
+
+    from diep_lightning.module import DiEPModule
+
+    module = DiEPModule(model_dir, method=method, random_seed=random_seed, **module_kwargs)
+    datamodule = _datamodule(model_dir, args, data_seed)
+    trainer = pl.Trainer(max_epochs=args.epochs if method == "diep" else 1, accelerator="cpu", devices=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, datamodule)
+    return module, datamodule
+
+
+def floor_pass(model_dir: str, args: argparse.Namespace) -> None:
+    """The cost floor: one plain forward + backward per batch of the same frozen model, same batches and epochs.
+
+    A single trainable scalar multiplies the input embeddings, so the backward traverses every layer as DiEP's
+    does, but there is no teacher pass and no per-expert scaling."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.requires_grad_(False)
+    scale = torch.nn.Parameter(torch.ones(()))
+    optimizer = torch.optim.Adam([scale], lr=5e-3)
+    embed = model.get_input_embeddings()
+    handle = embed.register_forward_hook(lambda m, a, out: out * scale)
+    datamodule = _datamodule(model_dir, args, 42)
+    datamodule.setup("fit")
+    for _ in range(args.epochs):
+        for batch in datamodule.train_dataloader():
+            optimizer.zero_grad()
+            model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss.backward()
+            optimizer.step()
+    handle.remove()
+
+
+def cost_child(model_dir: str, method: str, args: argparse.Namespace) -> dict[str, float]:
+    """Body of a cost subprocess: time one method's search and report this process's peak RSS."""
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    if method == "floor":
+        floor_pass(model_dir, args)
+    else:
+        module, _ = search(model_dir, method, args)
+        if method == "naee":
+            module.expert_scores(sparsity=0.5, mode="uniform")  # NAEE's subset search happens at scoring
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[str, float]:
+    """Run :func:`cost_child` in a fresh process (so peak memory is the method's own)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--cost-child", method, "--models", model_dir,
+           "--epochs", str(args.epochs), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
+           "--batch-size", str(args.batch_size)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- pruning
+def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str, datamodule: Any = None,
+          merge: bool = False, skip: bool = False):
+    """A fresh copy of the model pruned with ``scores``; optional merging and skipping."""
+    from transformers import AutoModelForCausalLM
+
+    from diep_lightning.calibration import observe_blocks
+    from diep_lightning.callbacks.merging import ExpertMerging
+    from diep_lightning.export import apply_plan, size_report
+    from diep_lightning.families import get_family
+    from diep_lightning.pruning import select_experts
+    from diep_lightning.skipping import calibrate_block, install_skipping
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    family = get_family(model)
+    blocks = family.blocks(model)
+    plan = select_experts(scores, sparsity, [b.top_k for b in blocks], mode)
+    batches = list(datamodule.train_dataloader())[:4] if datamodule is not None else []
+    if merge:
+        merger = ExpertMerging()
+        observations = observe_blocks(model, family, batches, merger.max_tokens)
+        plan.merges = [merger.merge_groups(family, b, observations[b.index], plan.kept[b.index],
+                                           plan.removed[b.index]) if plan.removed[b.index] else {} for b in blocks]
+    apply_plan(model, plan, family)
+    hooks = None
+    if skip:
+        observations = observe_blocks(model, family, batches, 4096)
+        gammas = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(model)}
+        hooks = install_skipping(model, gammas)
+    return model, plan, size_report(model, family), hooks
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    return {task: results.get(f"{task}/{metric}") for task, metric in HEADLINE.items() if f"{task}/{metric}" in results}
+
+
+def evaluate_model(model: Any, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    from diep_lightning.evaluation import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return headline(evaluate(model, tokenizer=tokenizer, tasks=TASKS, limit=args.limit, batch_size=32))
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+@torch.no_grad()
+def decode_tps(model: Any, batch: int, new_tokens: int, prompt_len: int = 16, repeats: int = 3) -> float:
+    """Greedy decode tokens/s (batch x new tokens / time), best of ``repeats``."""
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, model.config.vocab_size, (batch, prompt_len), generator=gen)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=0)
+        best = max(best, batch * new_tokens / (time.perf_counter() - start))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from diep_lightning.export import size_report
+
+    name = Path(model_dir).name
+    print(f"== {name}", flush=True)
+    full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    result: dict[str, Any] = {"full": evaluate_model(full, model_dir, args), "full_sizes": size_report(full),
+                              "quality": {}, "cost": {}, "decode": {}}
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    def record(method: str, sparsity: float, seed: int | None, model: Any, plan: Any, sizes: dict) -> None:
+        scores = evaluate_model(model, model_dir, args)
+        entry = result["quality"].setdefault(method, {}).setdefault(str(sparsity), [])
+        entry.append({"seed": seed, "metrics": scores, "expert_bytes": sizes["expert_bytes"],
+                      "kept_per_layer": [len(k) for k in plan.kept]})
+        print(f"   {method:<14} sparsity {sparsity:.2f} seed {seed}: " +
+              ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
+
+    # DiEP: one search per data seed serves every sparsity
+    diep_modules = {}
+    for seed in seeds:
+        module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
+        diep_modules[seed] = (module.expert_scores(), datamodule)
+        for sparsity in sparsities:
+            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
+            record("diep", sparsity, seed, model, plan, sizes)
+            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
+            record("diep_uniform", sparsity, seed, model, plan, sizes)
+    scores0, dm0 = diep_modules[seeds[0]]
+    for sparsity in sparsities:
+        model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, merge=True)
+        record("diep_merge", sparsity, seeds[0], model, plan, sizes)
+        model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, skip=True)
+        record("diep_skip", sparsity, seeds[0], model, plan, sizes)
+    # baselines
+    for seed in seeds:
+        module, _ = search(model_dir, "random", args, random_seed=seed)
+        for sparsity in sparsities:
+            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
+            record("random", sparsity, seed, model, plan, sizes)
+    for method in ("frequency", "reap"):
+        module, _ = search(model_dir, method, args)
+        for sparsity in sparsities:
+            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
+            record(method, sparsity, None, model, plan, sizes)
+    module, _ = search(model_dir, "naee", args)
+    for sparsity in sparsities:
+        try:
+            naee_scores = module.expert_scores(sparsity=sparsity, mode="uniform")
+        except ValueError as err:
+            result["quality"].setdefault("naee", {})[str(sparsity)] = [{"refused": str(err)}]
+            print(f"   naee refused: {err}", flush=True)
+            continue
+        model, plan, sizes, _ = prune(model_dir, naee_scores, sparsity, "uniform")
+        record("naee", sparsity, None, model, plan, sizes)
+
+    # search cost, side by side
+    for method in ("floor", "diep", "frequency", "reap", "naee"):
+        result["cost"][method] = measure_cost(model_dir, method, args)
+        print(f"   cost {method}: {result['cost'][method]}", flush=True)
+
+    # decode speed: full, pruned 50%, pruned 50% + skipping, and skipping alone
+    torch.set_num_threads(args.threads)
+    variants = {"full": full}
+    variants["pruned_50"] = prune(model_dir, scores0, 0.5, "global")[0]
+    variants["pruned_50_skip"] = prune(model_dir, scores0, 0.5, "global", dm0, skip=True)[0]
+    skip_only = copy.deepcopy(full)
+    from diep_lightning.calibration import observe_blocks
+    from diep_lightning.families import get_family
+    from diep_lightning.skipping import calibrate_block, install_skipping
+
+    family = get_family(skip_only)
+    observations = observe_blocks(skip_only, family, list(dm0.train_dataloader())[:4], 4096)
+    gammas = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(skip_only)}
+    install_skipping(skip_only, gammas)
+    variants["full_skip"] = skip_only
+    for label, model in variants.items():
+        result["decode"][label] = {f"batch_{b}": decode_tps(model, b, args.new_tokens) for b in (1, 16)}
+        result["decode"][label]["expert_bytes"] = size_report(model)["expert_bytes"]
+        print(f"   decode {label}: {result['decode'][label]}", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
+    values = [e["metrics"].get(task) for e in entries if "metrics" in e and e["metrics"].get(task) is not None]
+    if not values:
+        return None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, command: str) -> None:
+    lines = ["# Benchmark results", "", f"Command: `{command}`", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+             f"{args.threads} thread(s); limit {args.limit} documents per task; search: {args.epochs} epochs, "
+             f"{args.num_samples} x {args.seq_len} tokens, batch {args.batch_size}.", ""]
+    for model_name, res in results["models"].items():
+        lines += [f"## {model_name}", "", "Quality relative to the full model (mean ± std over seeds where several; "
+                  "perplexity: lower is better, ratios > 1 are worse; accuracies: ratio of accuracies).", ""]
+        full = res["full"]
+        lines.append("| method | sparsity | " + " | ".join(TASKS) + " |")
+        lines.append("|---|---|" + "---|" * len(TASKS))
+        lines.append("| full | 0 | " + " | ".join(f"{full.get(t, float('nan')):.4g}" for t in TASKS) + " |")
+        for method, by_sparsity in res["quality"].items():
+            for sparsity, entries in by_sparsity.items():
+                if entries and "refused" in entries[0]:
+                    lines.append(f"| {method} | {sparsity} | refused: {entries[0]['refused'][:90]} |")
+                    continue
+                cells = []
+                for task in TASKS:
+                    summary = _summary(entries, task)
+                    if summary is None or not full.get(task):
+                        cells.append("n/a")
+                        continue
+                    mean, std = summary
+                    cells.append(f"{mean:.4g}" + (f" ± {std:.2g}" if len(entries) > 1 else "") +
+                                 f" ({mean / full[task]:.3f}x)")
+                lines.append(f"| {method} | {sparsity} | " + " | ".join(cells) + " |")
+        lines += ["", "Search cost (each in its own process; peak resident memory includes the Python, torch and "
+                  "transformers runtime):", "", "| method | wall s | x floor | peak RSS MB | x floor |", "|---|---|---|---|---|"]
+        floor = res["cost"].get("floor", {})
+        for method, cost in res["cost"].items():
+            if "error" in cost:
+                lines.append(f"| {method} | error: {cost['error'][:80]} | | | |")
+                continue
+            lines.append(f"| {method} | {cost['wall_s']:.1f} | {cost['wall_s'] / floor['wall_s']:.2f} | "
+                         f"{cost['peak_rss_mb']:.0f} | {cost['peak_rss_mb'] / floor['peak_rss_mb']:.2f} |")
+        lines += ["", "Decode (greedy, tokens/s) and expert bytes:", "",
+                  "| model | batch 1 | x full | batch 16 | x full | expert bytes |", "|---|---|---|---|---|---|"]
+        base = res["decode"]["full"]
+        for label, row in res["decode"].items():
+            lines.append(f"| {label} | {row['batch_1']:.1f} | {row['batch_1'] / base['batch_1']:.3f} | "
+                         f"{row['batch_16']:.1f} | {row['batch_16'] / base['batch_16']:.3f} | {row['expert_bytes']:,} |")
+        lines.append("")
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for model_name, res in results["models"].items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, task in zip(axes, ("kit_wikitext2", "kit_blimp")):
+            for method, by_sparsity in res["quality"].items():
+                xs, ys = [0.0], [res["full"].get(task)]
+                for sparsity, entries in sorted(by_sparsity.items(), key=lambda kv: float(kv[0])):
+                    summary = _summary(entries, task)
+                    if summary:
+                        xs.append(float(sparsity))
+                        ys.append(summary[0])
+                if len(xs) > 1:
+                    ax.plot(xs, ys, marker="o", label=method)
+            ax.set_xlabel("expert sparsity")
+            ax.set_ylabel(f"{task} {HEADLINE[task]}")
+            if task in LOWER_IS_BETTER:
+                ax.set_yscale("log")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(model_name)
+        fig.tight_layout()
+        fig.savefig(out / f"quality_vs_sparsity_{model_name}.png", dpi=100)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe")
+    parser.add_argument("--sparsities", default="0.25,0.5")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--limit", type=float, default=200, help="documents per task (BLiMP: per paradigm)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(REPO / "benchmarks"))
+    parser.add_argument("--cost-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.limit = int(args.limit) if args.limit >= 1 else args.limit
+    torch.set_num_threads(args.threads)
+    if args.cost_child:
+        print(json.dumps(cost_child(args.models.split(",")[0], args.cost_child, args)))
+        return {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict[str, Any] = {"command": command, "args": vars(args), "models": {}}
+    for model_dir in args.models.split(","):
+        results["models"][Path(model_dir).name] = run_model(model_dir, args)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, args, out, command)
+    plot(results, out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

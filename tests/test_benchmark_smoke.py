@@ -1,0 +1,30 @@
+"""The benchmark runs end to end on a tiny random model with small limits and writes its report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from model_fixtures import tiny_mixtral_dir  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench"
+    results = bench.main(["--models", tiny_mixtral_dir, "--seeds", "0", "--limit", "2", "--epochs", "1",
+                          "--num-samples", "8", "--seq-len", "32", "--batch-size", "4", "--new-tokens", "4",
+                          "--out", str(out)])
+    res = next(iter(results["models"].values()))
+    assert {"diep", "diep_uniform", "diep_merge", "diep_skip", "random", "frequency", "reap", "naee"} <= set(res["quality"])
+    for method in ("floor", "diep", "naee"):
+        assert res["cost"][method]["wall_s"] > 0, res["cost"][method]
+    assert res["decode"]["pruned_50"]["expert_bytes"] < res["decode"]["full"]["expert_bytes"]
+    report = (out / "RESULTS.md").read_text()
+    assert "| diep | 0.5 |" in report and "Search cost" in report
+    assert json.loads((out / "results.json").read_text())["models"]
+    assert list(out.glob("quality_vs_sparsity_*.png"))
