@@ -453,7 +453,8 @@ def _load_tokenizer(name: str) -> Any:
 # Lightning
 # --------------------------------------------------------------------------------------------------
 class TokenBlockDataset(Dataset):
-    """Map-style dataset over a ``(N, T)`` token tensor yielding ``input_ids`` / ``attention_mask`` dicts."""
+    """Map-style dataset over a ``(N, T)`` token tensor yielding ``input_ids`` / ``attention_mask`` dicts, plus
+    ``sample_index`` (the row), which lets the search cache the teacher's outputs per sample."""
 
     def __init__(self, tokens: torch.Tensor) -> None:
         self.tokens = tokens
@@ -463,7 +464,7 @@ class TokenBlockDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         ids = self.tokens[idx]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "sample_index": torch.tensor(idx)}
 
 
 class CalibrationDataModule(L.LightningDataModule):

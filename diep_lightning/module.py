@@ -102,6 +102,9 @@ class DiEPModule(LightningModule):
             same pruning and export: "random", "frequency", "reap", "naee" (see :mod:`diep_lightning.baselines`).
         random_seed: seed of the "random" baseline.
         naee_max_subsets: NAEE refuses layers with more subsets than this.
+        teacher_cache_gb: keep the teacher's outputs per calibration sample after their first computation, so
+            later epochs skip the teacher pass (the teacher is fixed: frozen weights, fixed samples), when the
+            cache fits in this many GiB; 0 disables it. The values are the same as recomputing them.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class DiEPModule(LightningModule):
         method: Literal["diep", "random", "frequency", "reap", "naee"] = "diep",
         random_seed: int = 0,
         naee_max_subsets: int = 20_000,
+        teacher_cache_gb: float = 2.0,
     ) -> None:
         super().__init__()
         if dtype not in DTYPES:
@@ -153,6 +157,7 @@ class DiEPModule(LightningModule):
         self.beta = nn.ParameterList()
         self._scaling = None
         self._captured: dict[int, torch.Tensor] = {}
+        self._teacher_cache: dict[int, dict[int, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -286,10 +291,31 @@ class DiEPModule(LightningModule):
             captured = {0: out.hidden_states[-1]}
         return out, captured
 
-    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """CE of the student, reconstruction against the teacher, and their weighted sum."""
+    def _cache_fits(self, batch: dict[str, torch.Tensor], teacher: dict[int, torch.Tensor]) -> bool:
+        if self.hparams.teacher_cache_gb <= 0 or "sample_index" not in batch or self._trainer is None:
+            return False
+        per_sample = sum(t[0].numel() * t.element_size() for t in teacher.values())
+        loader = self.trainer.train_dataloader
+        samples = len(loader.dataset) if loader is not None and hasattr(loader, "dataset") else 0
+        return per_sample * samples <= self.hparams.teacher_cache_gb * 2**30
+
+    def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The unscaled model's matched outputs for the batch, from the per-sample cache when it has them."""
+        index = batch.get("sample_index")
+        if index is not None and self._teacher_cache and all(int(i) in self._teacher_cache for i in index):
+            rows = [self._teacher_cache[int(i)] for i in index]
+            return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
         with torch.no_grad(), self._scaling.disabled():
             _, teacher = self._run(batch, with_labels=False)
+        teacher = {k: v.detach() for k, v in teacher.items()}
+        if index is not None and self._cache_fits(batch, teacher):
+            for row, i in enumerate(index.tolist()):
+                self._teacher_cache[i] = {k: v[row].clone() for k, v in teacher.items()}
+        return teacher
+
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """CE of the student, reconstruction against the teacher, and their weighted sum."""
+        teacher = self.teacher_outputs(batch)
         student_out, student = self._run(batch, with_labels=True)
         mask = batch.get("attention_mask")
         recon = student_out.loss.new_zeros(())

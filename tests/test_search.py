@@ -117,3 +117,13 @@ def test_fsdp2_two_processes_match_one_process(tiny_mixtral_dir, tmp_path):
     for key in one["state_dict"]:
         torch.testing.assert_close(two["state_dict"][key], one["state_dict"][key], atol=1e-5, rtol=1e-4)
     assert os.path.getsize(glob.glob(os.path.join(str(tmp_path / "fsdp2"), "**", "*.ckpt"), recursive=True)[0]) < 64_000
+
+
+def test_teacher_cache_gives_the_same_search(tiny_mixtral_dir, tmp_path):
+    cached, plain = str(tmp_path / "cached"), str(tmp_path / "plain")
+    cli = main(fit_args(tiny_mixtral_dir, cached, epochs=2))
+    assert len(cli.model._teacher_cache) == 16, "every calibration sample's teacher outputs are cached"
+    main(fit_args(tiny_mixtral_dir, plain, "--model.teacher_cache_gb=0", epochs=2))
+    a, b = _checkpoint(cached)["state_dict"], _checkpoint(plain)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
