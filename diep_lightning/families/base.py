@@ -67,6 +67,7 @@ class _HookGroup:
     def __init__(self) -> None:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.enabled = True
+        self.stats: dict[int, list[int]] = {}  # skipping: block index -> [skipped slots, all slots]
 
     def remove(self) -> None:
         """Uninstall every hook of the group."""
@@ -368,7 +369,6 @@ class MoEFamily:
             renormalize: rescale the surviving weights to keep their original sum.
         """
         group = _HookGroup()
-        group.stats = {}  # type: ignore[attr-defined]
         for block in blocks:
             if block.index not in gammas:
                 continue
@@ -395,7 +395,7 @@ class MoEFamily:
             if renormalize:
                 new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
             new_idx = idx.masked_fill(skip, module.num_experts)
-            stats = group.stats.setdefault(block.index, [0, 0])  # type: ignore[attr-defined]
+            stats = group.stats.setdefault(block.index, [0, 0])
             stats[0] += int(skip.sum())
             stats[1] += skip.numel()
             return (hidden, new_idx, new_w, *args[3:])
