@@ -82,6 +82,8 @@ class GlobalExpertPruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.interrupted:  # a stopped search has no final scores to prune by
             return
+        if getattr(pl_module, "device_mesh", None) is None and not trainer.is_global_zero:
+            return  # DDP: every rank holds the same scores; rank 0 prunes and exports
         scores = pl_module.expert_scores(sparsity=self.sparsity, mode=self.mode)
         model = pl_module.release_model()
         if model is None:  # non-zero ranks of a sharded run: rank 0 prunes and exports

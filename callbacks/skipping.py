@@ -79,6 +79,8 @@ class SkipCalibration(Callback):
 
         if trainer.interrupted or any(isinstance(c, GlobalExpertPruning) for c in trainer.callbacks):
             return
+        if getattr(pl_module, "device_mesh", None) is None and not trainer.is_global_zero:
+            return
         model = pl_module.release_model()
         if model is not None:
             with torch.no_grad():
