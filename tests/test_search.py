@@ -95,12 +95,14 @@ def test_resume_continues_the_same_schedule(tiny_qwen_dir, tmp_path):
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=1e-6, rtol=0)
 
 
-def _fsdp_run(model_dir: str, root: str, devices: int, batch: int) -> dict:
+FSDP2 = ["--trainer.strategy=diep_lightning.strategy.DiEPModelParallelStrategy",
+         "--trainer.strategy.process_group_backend=gloo"]
+
+
+def _fsdp_run(model_dir: str, root: str, devices: int, batch: int, strategy: list[str] = FSDP2) -> dict:
     args = fit_args(model_dir, root, "--data.shuffle=false", epochs=1)
     args = [a for a in args if not a.startswith(("--trainer.devices", "--data.batch_size"))]
-    args += [f"--trainer.devices={devices}", f"--data.batch_size={batch}",
-             "--trainer.strategy=diep_lightning.strategy.DiEPModelParallelStrategy",
-             "--trainer.strategy.process_group_backend=gloo"]
+    args += [f"--trainer.devices={devices}", f"--data.batch_size={batch}", *strategy]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "diep_lightning", *args], capture_output=True, text=True,
                             env=env, timeout=600)
@@ -108,10 +110,12 @@ def _fsdp_run(model_dir: str, root: str, devices: int, batch: int) -> dict:
     return _checkpoint(root)
 
 
-def test_fsdp2_two_processes_match_one_process(tiny_mixtral_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_two_processes_match_one_process(strategy, tiny_mixtral_dir, tmp_path):
     single = str(tmp_path / "single")
     main(fit_args(tiny_mixtral_dir, single, "--data.shuffle=false", epochs=1))
-    two = _fsdp_run(tiny_mixtral_dir, str(tmp_path / "fsdp2"), devices=2, batch=2)
+    flags = FSDP2 if strategy == "fsdp2" else ["--trainer.strategy=ddp"]
+    two = _fsdp_run(tiny_mixtral_dir, str(tmp_path / "fsdp2"), devices=2, batch=2, strategy=flags)
     one = _checkpoint(single)
     assert two["global_step"] == one["global_step"]
     for key in one["state_dict"]:
