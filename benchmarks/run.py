@@ -203,8 +203,9 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         for sparsity in sparsities:
             model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
             record("diep", sparsity, seed, model, plan, sizes)
-            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
-            record("diep_uniform", sparsity, seed, model, plan, sizes)
+            if seed == seeds[0]:  # the uniform ablation: one seed
+                model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
+                record("diep_uniform", sparsity, seed, model, plan, sizes)
     scores0, dm0 = diep_modules[seeds[0]]
     for sparsity in sparsities:
         model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, merge=True)
@@ -343,12 +344,42 @@ def plot(results: dict[str, Any], out: Path) -> None:
         plt.close(fig)
 
 
+def _parallel(models: list[str], argv: list[str], out: Path, jobs: int) -> dict[str, Any]:
+    """Benchmark each model in its own process (``jobs`` at a time) and gather their results."""
+    base = [a for a in argv]
+    for flag in ("--models", "--jobs", "--out"):
+        while flag in base:
+            i = base.index(flag)
+            del base[i:i + 2]
+        base = [a for a in base if not a.startswith(flag + "=")]
+    running: list[tuple[subprocess.Popen, Path]] = []
+    gathered: dict[str, Any] = {}
+    pending = list(models)
+    while pending or running:
+        while pending and len(running) < jobs:
+            model = pending.pop(0)
+            part = out / f".part_{Path(model).name}"
+            part.mkdir(parents=True, exist_ok=True)
+            log = open(part / "log.txt", "w")
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--models", model,
+                                     "--out", str(part)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            running.append((proc, part))
+        time.sleep(5)
+        for proc, part in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, part))
+                if proc.returncode != 0:
+                    raise RuntimeError(f"benchmark of {part.name} failed; see {part / 'log.txt'}")
+                gathered.update(json.loads((part / "results.json").read_text())["models"])
+    return gathered
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe")
     parser.add_argument("--sparsities", default="0.25,0.5")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--limit", type=float, default=200, help="documents per task (BLiMP: per paradigm)")
+    parser.add_argument("--limit", type=float, default=100, help="documents per task (BLiMP: per paradigm)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -356,6 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "benchmarks"))
+    parser.add_argument("--jobs", type=int, default=1, help="models benchmarked in parallel processes")
     parser.add_argument("--cost-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.limit = int(args.limit) if args.limit >= 1 else args.limit
@@ -367,9 +399,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, Any] = {"command": command, "args": vars(args), "models": {}}
-    for model_dir in args.models.split(","):
-        results["models"][Path(model_dir).name] = run_model(model_dir, args)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+    models = args.models.split(",")
+    if args.jobs > 1 and len(models) > 1:
+        results["models"] = _parallel(models, argv if argv is not None else sys.argv[1:], out, args.jobs)
+    else:
+        for model_dir in models:
+            results["models"][Path(model_dir).name] = run_model(model_dir, args)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, args, out, command)
     plot(results, out)
     return results
