@@ -290,6 +290,7 @@ def build_model(config: Any, experts_impl: str) -> torch.nn.Module:
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.set_experts_implementation(experts_impl)
+    model.router_aux_loss_coef = 0.0  # training adds its own per-layer balancing loss; config keeps the value
     model.train()
     return model
 
@@ -328,6 +329,53 @@ def lr_at(step: int, max_steps: int, peak: float, warmup: int, min_ratio: float 
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def balance_loss_per_layer(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss computed for each MoE layer separately, then averaged.
+
+    transformers' ``load_balancing_loss_func`` pools the routing statistics of all layers before
+    multiplying them, so it only balances the *sum over layers* of each expert's load: a layer may then
+    starve some experts as long as another layer over-uses them. Balancing each layer keeps every
+    expert of every layer in use, which expert pruning needs. Same scale as the transformers loss:
+    ``top_k`` when perfectly balanced.
+
+    Args:
+        router_logits: One ``(tokens, num_experts)`` tensor per MoE layer.
+        num_experts: Routed experts per layer.
+        top_k: Experts selected per token.
+
+    Returns:
+        Scalar loss.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices
+        frac_tokens = torch.nn.functional.one_hot(chosen, num_experts).float().sum(dim=1).mean(dim=0)
+        losses.append(num_experts * torch.sum(frac_tokens * probs.mean(dim=0)))
+    return torch.stack(losses).mean()
+
+
+def training_losses(model: torch.nn.Module, x: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, float, float]:
+    """Forward one batch and build the training objective.
+
+    The model must have ``router_aux_loss_coef`` zeroed (see :func:`build_model`), so ``out.loss`` is the
+    pure next-token cross-entropy; the per-layer balancing loss is added here.
+
+    Args:
+        model: The MoE causal LM.
+        x: ``(batch, seq_len)`` token ids (inputs and labels; the model shifts them).
+        aux_coef: Load-balancing loss coefficient.
+
+    Returns:
+        ``(total_loss, lm_loss, balance_loss)``; the last two as floats for logging.
+    """
+    cfg = model.config
+    n_exp = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
+    aux = balance_loss_per_layer(out.router_logits, n_exp, cfg.num_experts_per_tok)
+    return out.loss + aux_coef * aux, float(out.loss.detach()), float(aux.detach())
 
 
 class BatchSampler:
@@ -501,8 +549,8 @@ def benchmark_experts(args: argparse.Namespace, tokenizer: Any) -> dict[str, flo
             for i in range(args.benchmark_experts + 1):
                 if i == 1:
                     t = time.time()
-                out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
-                out.loss.backward()
+                loss, _, _ = training_losses(model, x, args.aux_coef)
+                loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             results[impl] = args.benchmark_experts * x.numel() / (time.time() - t)
@@ -581,13 +629,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for group in opt.param_groups:
             group["lr"] = lr
         x = sampler.next()
-        out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
-        out.loss.backward()
+        loss, lm_loss, aux = training_losses(model, x, args.aux_coef)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        aux = float(out.aux_loss.detach())
-        lm_loss = float(out.loss.detach()) - args.aux_coef * aux
         lm_losses.append(lm_loss)
         if (step + 1) % args.log_every == 0 or step == 0:
             el = time.time() - t_train
@@ -625,6 +671,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "router_aux_loss_coef": args.aux_coef,
+        "balance_loss": "Switch load-balancing loss per MoE layer, averaged over layers (balance_loss_per_layer)",
         "experts_implementation_for_training": args.experts_impl,
         "train_wall_seconds": train_seconds,
         "total_wall_seconds": time.time() - t0,
