@@ -155,7 +155,12 @@ def evaluate_model(model: Any, model_dir: str, args: argparse.Namespace) -> dict
     from diep_lightning.evaluation import evaluate
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return headline(evaluate(model, tokenizer=tokenizer, tasks=TASKS, limit=args.limit, batch_size=32))
+    limits = {"kit_wikitext2": args.wikitext_limit, "kit_blimp": args.blimp_limit}
+    scores: dict[str, float] = {}
+    for limit in sorted({limits.get(t, args.limit) for t in TASKS}, key=str):
+        tasks = [t for t in TASKS if limits.get(t, args.limit) == limit]
+        scores.update(headline(evaluate(model, tokenizer=tokenizer, tasks=tasks, limit=limit, batch_size=32)))
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -272,7 +277,8 @@ def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
 def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, command: str) -> None:
     lines = ["# Benchmark results", "", f"Command: `{command}`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-             f"{args.threads} thread(s); limit {args.limit} documents per task; search: {args.epochs} epochs, "
+             f"{args.threads} thread(s); evaluation: {args.limit} documents per task, {args.blimp_limit} pairs per BLiMP "
+             f"paradigm, {args.wikitext_limit} WikiText-2 test articles; search: {args.epochs} epochs, "
              f"{args.num_samples} x {args.seq_len} tokens, batch {args.batch_size}.", ""]
     for model_name, res in results["models"].items():
         lines += [f"## {model_name}", "", "Quality relative to the full model (mean ± std over seeds where several; "
@@ -379,7 +385,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe")
     parser.add_argument("--sparsities", default="0.25,0.5")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--limit", type=float, default=100, help="documents per task (BLiMP: per paradigm)")
+    parser.add_argument("--limit", type=float, default=100, help="documents per multiple-choice task")
+    parser.add_argument("--blimp-limit", type=int, default=40, help="pairs per BLiMP paradigm (34 paradigms)")
+    parser.add_argument("--wikitext-limit", type=int, default=8, help="WikiText-2 test articles")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
