@@ -21,8 +21,8 @@ class LmEvalValidation(Callback):
     ``lm_eval/pruned/...``), and ``lm_eval.json`` (baseline, pruned, pruned / baseline) is written into the
     export directory (or ``output``).
 
-    Under DDP/FSDP2 global rank 0 evaluates a full copy and the others wait; single-process runs evaluate the
-    model object itself.
+    Under DDP/FSDP2 global rank 0 evaluates a full copy and broadcasts the results to the other ranks, which wait
+    (lm-eval itself runs in one process); single-process runs evaluate the model object itself.
 
     Args:
         tasks: task names (kit or lm-eval hub); checked before any model work.
@@ -77,7 +77,8 @@ class LmEvalValidation(Callback):
             else:
                 self.results["baseline"] = self._evaluate(model, pl_module.load_tokenizer())
             self._log(trainer, "baseline", self.results["baseline"])
-        trainer.strategy.barrier("lm_eval_baseline")
+        # rank 0 evaluated; every rank gets its results (so any rank's callback state is complete)
+        self.results["baseline"] = trainer.strategy.broadcast(self.results.get("baseline"), src=0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.every_n_epochs or (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -145,3 +145,22 @@ def test_mismatched_pruning_json_is_refused(tmp_path):
     (path / "pruning.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="pruning.json"):
         load_pruned(path)
+
+
+def test_lm_eval_cli_runs_a_kit_task_on_a_non_uniform_export(tmp_path, tiny_tokenizer):
+    import subprocess
+    import sys
+
+    model = tiny_model("mixtral", vocab_size=len(tiny_tokenizer))
+    plan = _plan(model, 0.375)
+    sizes = size_report(model)
+    apply_plan(model, plan)
+    path, _ = export_pruned(model, plan, tmp_path / "export", source="tiny", original=sizes, tokenizer=tiny_tokenizer)
+    tasks = tmp_path / "tasks"
+    subprocess.run([sys.executable, "-m", "diep_lightning.evaluation", "--render", str(tasks)], check=True,
+                   capture_output=True, timeout=300)
+    result = subprocess.run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={path},trust_remote_code=True",
+                             "--tasks", "kit_blimp_causative", "--include_path", str(tasks), "--limit", "4"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "causative" in result.stdout and "acc" in result.stdout

@@ -28,7 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap-iters", type=int, default=0, help="lm-eval bootstrap iterations for stderrs")
     ap.add_argument("--output", type=Path, default=None, help="write the results JSON here")
     ap.add_argument("--list", action="store_true", help="list the kit tasks for the data dir and exit")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="write the kit task YAMLs for the data dir into this folder (for lm_eval --include_path) and exit")
     a = ap.parse_args(argv)
+
+    if a.render:
+        from .kit import render_tasks
+
+        kit = render_tasks(a.data_dir, out_dir=a.render)
+        print(f"rendered {len(kit.names)} kit tasks into {kit.task_dir}; use: lm_eval --include_path {kit.task_dir} ...")
+        return 0
 
     if a.list:
         print(f"data dir: {resolve_data_dir(a.data_dir)}")
