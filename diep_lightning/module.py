@@ -219,6 +219,8 @@ class DiEPModule(LightningModule):
         for handle in getattr(self, "_capture_handles", []):
             handle.remove()
         self._capture_handles = []
+        if getattr(self, "_statistics", None) is not None:
+            self._statistics.remove()
         return self.model
 
     def load_tokenizer(self) -> Any:
