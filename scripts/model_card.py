@@ -88,13 +88,13 @@ expert pruning (random weights cannot tell a good pruning from a bad one). Loads
   ({log.get('threads', '?')} thread).
 - Reproduce: `{log.get('command', 'python scripts/train_tiny_moe.py')}`
 
-## Measured with the project's offline kit (`python scripts/model_card.py --model {model_dir.as_posix()}`)
+## Measured with the project's offline kit (`{metrics['command']}`)
 
 | metric | value |
 |---|---|
 | WikiText-2 test word perplexity (`kit_wikitext2`) | {metrics['wikitext2_word_perplexity']:.1f} |
 | WikiText-2 test token-level loss on 256-token windows | {metrics['heldout_token_loss']:.3f} (perplexity {metrics['heldout_token_ppl']:.1f}) |
-| BLiMP, average of 34 paradigms (`kit_blimp`, chance 50%) | {100 * metrics['blimp_acc']:.1f}% |
+| BLiMP, average of 34 paradigms (`kit_blimp`, chance 50%; {metrics['limit_note']}) | {100 * metrics['blimp_acc']:.1f}% |
 
 ## Expert usage on held-out text (% of routed slots, per layer)
 
@@ -144,7 +144,9 @@ def main() -> None:
         "num_experts": family.blocks(model)[0].num_experts,
         "shared": ", one shared expert" if family.has_shared_experts else "",
         "params": sum(p.numel() for p in model.parameters()),
+        "limit_note": "all 1000 pairs per paradigm" if args.limit is None else f"first {args.limit} pairs per paradigm",
     }
+    metrics["command"] = "python " + " ".join(sys.argv)
     log_path = model_dir / "training_log.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     (model_dir / "card_metrics.json").write_text(json.dumps(metrics, indent=2))

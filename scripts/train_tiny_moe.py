@@ -17,9 +17,9 @@ Reproduce the shipped models (CPU, one thread each, both runs may go in parallel
 
     python3 scripts/train_tiny_moe.py --tokenizer-only --out models/tiny-mixtral
     python3 scripts/train_tiny_moe.py --arch mixtral --out models/tiny-mixtral \
-        --tokenizer models/tiny-mixtral --seed 0 --max-steps 640 --max-minutes 55 --threads 1
+        --tokenizer models/tiny-mixtral --seed 0 --max-steps 3200 --max-minutes 55 --threads 1
     python3 scripts/train_tiny_moe.py --arch qwen-moe --out models/tiny-qwen-moe \
-        --tokenizer models/tiny-mixtral --seed 0 --max-steps 640 --max-minutes 55 --threads 1
+        --tokenizer models/tiny-mixtral --seed 0 --max-steps 3200 --max-minutes 55 --threads 1
     python3 scripts/quick_eval.py --model models/tiny-mixtral --update-log
     python3 scripts/quick_eval.py --model models/tiny-qwen-moe --update-log
 
@@ -495,23 +495,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", choices=["mixtral", "qwen-moe"], default="mixtral")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=640, help="optimizer steps (fixes the result)")
+    p.add_argument("--max-steps", type=int, default=3200, help="optimizer steps (fixes the result)")
     p.add_argument("--max-minutes", type=float, default=55.0, help="safety wall-clock stop")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--tokenizer", type=Path, default=None, help="reuse the tokenizer saved in this dir")
     p.add_argument("--tokenizer-only", action="store_true", help="train/save the tokenizer and exit")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=240)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--aux-coef", type=float, default=0.01, help="router load-balancing loss coefficient")
     p.add_argument("--experts-impl", default="grouped_mm", choices=["eager", "batched_mm", "grouped_mm"],
                    help="experts kernel used while training (the saved config keeps stock defaults)")
     p.add_argument("--benchmark-experts", type=int, default=0, metavar="STEPS",
                    help="time STEPS training steps with each experts kernel on random tokens, then exit")
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=800)
     p.add_argument("--log-every", type=int, default=10)
     return p.parse_args(argv)
 
