@@ -396,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "benchmarks"))
     parser.add_argument("--jobs", type=int, default=1, help="models benchmarked in parallel processes")
+    parser.add_argument("--combine", default=None,
+                        help="comma-separated output folders of earlier per-model runs: merge them into one report")
     parser.add_argument("--cost-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.limit = int(args.limit) if args.limit >= 1 else args.limit
@@ -405,6 +407,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine.split(",")]
+        merged = {"command": " ; ".join(p["command"] for p in parts), "args": parts[0]["args"], "models": {}}
+        for part in parts:
+            merged["models"].update(part["models"])
+        (out / "results.json").write_text(json.dumps(merged, indent=2))
+        write_report(merged, argparse.Namespace(**{**parts[0]["args"], "threads": parts[0]["args"]["threads"]}),
+                     out, merged["command"])
+        plot(merged, out)
+        return merged
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, Any] = {"command": command, "args": vars(args), "models": {}}
     models = args.models.split(",")
