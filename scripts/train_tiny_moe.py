@@ -13,27 +13,38 @@ of ``<data-dir>/train_corpus`` (C4 validation 2k, Gutenberg, State-of-the-Union,
 tiny-shakespeare, WikiText-2 *validation*). ``<data-dir>/eval`` (WikiText-2 test, BLiMP, ...) and
 ``<data-dir>/calibration`` are never read.
 
-Reproduce the shipped models (CPU, one thread each, both runs may go in parallel after step 1)::
+Reproduce the shipped models (CPU, one thread each; the two runs may go in parallel after step 1;
+each took about 34 min with both cores shared)::
 
     python3 scripts/train_tiny_moe.py --tokenizer-only --out models/tiny-mixtral
     python3 scripts/train_tiny_moe.py --arch mixtral --out models/tiny-mixtral \
-        --tokenizer models/tiny-mixtral --seed 0 --max-steps 3000 --max-minutes 90 --threads 1
+        --tokenizer models/tiny-mixtral --seed 0 --max-steps 640 --max-minutes 55 --threads 1
     python3 scripts/train_tiny_moe.py --arch qwen-moe --out models/tiny-qwen-moe \
-        --tokenizer models/tiny-mixtral --seed 0 --max-steps 3000 --max-minutes 90 --threads 1
+        --tokenizer models/tiny-mixtral --seed 0 --max-steps 640 --max-minutes 55 --threads 1
     python3 scripts/quick_eval.py --model models/tiny-mixtral --update-log
     python3 scripts/quick_eval.py --model models/tiny-qwen-moe --update-log
+
+The defaults are that recipe: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak lr 2e-3,
+60 warm-up steps, cosine to 10%, batch 16 x 256 tokens, grad-norm clip 1.0, fp32, transformers'
+built-in load-balancing loss with coefficient 0.01 (``--balance-loss global``).
 
 The final model is the result of exactly ``--max-steps`` optimizer steps (bit-for-bit deterministic
 for a fixed seed and thread count); ``--max-minutes`` is only a safety stop, and
 ``training_log.json`` records ``stopped_by_time_limit`` if it ever fired. A checkpoint
 (``<out>/resume_checkpoint.pt``, removed at the end) is written every ``--ckpt-every`` steps, so a
-killed run continues bit-for-bit when the same command is run again. On a shared 2-core machine one
-run takes about 30 min alone per core, longer when the cores are busy.
+killed run continues bit-for-bit when the same command is run again.
 
-Recipe: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak lr 1.5e-3, 240 warm-up steps,
-cosine to 10%, batch 4 x 256 tokens, grad-norm clip 1.0, fp32, and a Switch load-balancing loss
-(coefficient 0.01) computed per MoE layer (see :func:`balance_loss_per_layer`). Small batches were
-clearly better per token than 16 x 256 in pilots at this budget.
+Better recipe (not yet shipped; in pilots its training loss was about 0.2 lower at equal tokens,
+and it balances the experts of every layer; not yet run to the end)::
+
+    python3 scripts/train_tiny_moe.py --arch mixtral --out DIR --tokenizer models/tiny-mixtral \
+        --seed 0 --threads 1 --batch-size 4 --lr 1.5e-3 --warmup 240 --balance-loss per-layer \
+        --max-steps 3000 --max-minutes 90 --eval-every 800 --log-every 50
+
+transformers' ``load_balancing_loss_func`` pools the routing statistics of all layers before
+multiplying them, so it only balances each expert's load summed over layers: with it a layer can
+starve experts (the shipped tiny-qwen-moe has 1-4 experts per layer that get no validation tokens).
+``--balance-loss per-layer`` (:func:`balance_loss_per_layer`) balances every layer.
 
 Each output directory receives ``model.safetensors`` (fp32), ``config.json``,
 ``generation_config.json``, the tokenizer files and ``training_log.json`` (arch, seed, steps, tokens
@@ -284,12 +295,14 @@ def build_config(arch: str, tokenizer: Any, seq_len: int, aux_coef: float) -> An
     raise ValueError(f"unknown arch {arch!r}")
 
 
-def build_model(config: Any, experts_impl: str) -> torch.nn.Module:
+def build_model(config: Any, experts_impl: str, balance_loss: str = "global") -> torch.nn.Module:
     """Instantiate a freshly initialised causal LM for ``config``.
 
     Args:
         config: A model configuration from :func:`build_config`.
         experts_impl: Experts kernel used for training (``eager``, ``batched_mm`` or ``grouped_mm``).
+        balance_loss: ``"per-layer"`` switches off the model's own (pooled) aux loss on this instance,
+            since training adds the per-layer loss itself; the saved config keeps its coefficient.
 
     Returns:
         The model, in fp32, in training mode.
@@ -298,7 +311,8 @@ def build_model(config: Any, experts_impl: str) -> torch.nn.Module:
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.set_experts_implementation(experts_impl)
-    model.router_aux_loss_coef = 0.0  # training adds its own per-layer balancing loss; config keeps the value
+    if balance_loss == "per-layer":
+        model.router_aux_loss_coef = 0.0
     model.train()
     return model
 
@@ -365,25 +379,31 @@ def balance_loss_per_layer(router_logits: tuple[torch.Tensor, ...], num_experts:
     return torch.stack(losses).mean()
 
 
-def training_losses(model: torch.nn.Module, x: torch.Tensor, aux_coef: float) -> tuple[torch.Tensor, float, float]:
-    """Forward one batch and build the training objective.
-
-    The model must have ``router_aux_loss_coef`` zeroed (see :func:`build_model`), so ``out.loss`` is the
-    pure next-token cross-entropy; the per-layer balancing loss is added here.
+def training_losses(model: torch.nn.Module, x: torch.Tensor, aux_coef: float,
+                    balance_loss: str) -> tuple[torch.Tensor, float, float]:
+    """Forward one batch and build the training objective: cross-entropy + ``aux_coef`` * balancing loss.
 
     Args:
         model: The MoE causal LM.
         x: ``(batch, seq_len)`` token ids (inputs and labels; the model shifts them).
         aux_coef: Load-balancing loss coefficient.
+        balance_loss: ``"global"``: transformers' built-in loss (routing statistics pooled over all
+            layers, added by the model itself with ``config.router_aux_loss_coef``); ``"per-layer"``:
+            :func:`balance_loss_per_layer`.
 
     Returns:
         ``(total_loss, lm_loss, balance_loss)``; the last two as floats for logging.
     """
     cfg = model.config
-    n_exp = getattr(cfg, "num_local_experts", None) or cfg.num_experts
     out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
-    aux = balance_loss_per_layer(out.router_logits, n_exp, cfg.num_experts_per_tok)
-    return out.loss + aux_coef * aux, float(out.loss.detach()), float(aux.detach())
+    if balance_loss == "global":  # out.loss already holds lm + coef * aux (coef from the config)
+        aux = float(out.aux_loss.detach())
+        return out.loss, float(out.loss.detach()) - aux_coef * aux, aux
+    if model.router_aux_loss_coef != 0.0:
+        raise ValueError("per-layer balancing needs the model's own aux loss off (see build_model)")
+    n_exp = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    aux_t = balance_loss_per_layer(out.router_logits, n_exp, cfg.num_experts_per_tok)
+    return out.loss + aux_coef * aux_t, float(out.loss.detach()), float(aux_t.detach())
 
 
 class BatchSampler:
@@ -503,24 +523,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", choices=["mixtral", "qwen-moe"], default="mixtral")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=3000, help="optimizer steps (fixes the result)")
-    p.add_argument("--max-minutes", type=float, default=90.0, help="safety wall-clock stop")
+    p.add_argument("--max-steps", type=int, default=640, help="optimizer steps (fixes the result)")
+    p.add_argument("--max-minutes", type=float, default=55.0, help="safety wall-clock stop")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--tokenizer", type=Path, default=None, help="reuse the tokenizer saved in this dir")
     p.add_argument("--tokenizer-only", action="store_true", help="train/save the tokenizer and exit")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--warmup", type=int, default=240)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--aux-coef", type=float, default=0.01, help="router load-balancing loss coefficient")
+    p.add_argument("--balance-loss", choices=["global", "per-layer"], default="global",
+                   help="global: transformers' built-in loss (statistics pooled over layers); "
+                        "per-layer: balance every MoE layer separately (keeps every expert of every layer used)")
     p.add_argument("--experts-impl", default="grouped_mm", choices=["eager", "batched_mm", "grouped_mm"],
                    help="experts kernel used while training (the saved config keeps stock defaults)")
     p.add_argument("--benchmark-experts", type=int, default=0, metavar="STEPS",
                    help="time STEPS training steps with each experts kernel on random tokens, then exit")
-    p.add_argument("--eval-every", type=int, default=800)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=200,
                    help="write <out>/resume_checkpoint.pt every N steps; rerunning the same command resumes "
                         "from it bit-for-bit (0: never)")
@@ -554,13 +577,13 @@ def benchmark_experts(args: argparse.Namespace, tokenizer: Any) -> dict[str, flo
             results[impl] = 0.0
             continue
         torch.manual_seed(args.seed)
-        model = build_model(cfg, impl)
+        model = build_model(cfg, impl, args.balance_loss)
         opt = make_optimizer(model, args.lr, args.weight_decay)
         try:
             for i in range(args.benchmark_experts + 1):
                 if i == 1:
                     t = time.time()
-                loss, _, _ = training_losses(model, x, args.aux_coef)
+                loss, _, _ = training_losses(model, x, args.aux_coef, args.balance_loss)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -591,7 +614,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
 CKPT_NAME = "resume_checkpoint.pt"
 # Arguments that must match for a checkpoint to be resumed (everything that changes the result).
 RESUME_KEYS = ("arch", "seed", "max_steps", "threads", "batch_size", "seq_len", "lr", "warmup", "weight_decay",
-               "aux_coef", "experts_impl")
+               "aux_coef", "experts_impl", "balance_loss")
 
 
 def save_checkpoint(path: Path, args: argparse.Namespace, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -637,6 +660,7 @@ def load_checkpoint(path: Path, args: argparse.Namespace, model: torch.nn.Module
     """
     payload = torch.load(path, weights_only=False)
     mine = {k: getattr(args, k) for k in RESUME_KEYS}
+    payload["args"].setdefault("balance_loss", "per-layer")  # checkpoints from before the option existed
     if payload["args"] != mine:
         raise ValueError(f"checkpoint {path} was made with {payload['args']}, not {mine}; delete it to restart")
     model.load_state_dict(payload["model"])
@@ -679,7 +703,7 @@ def run_training(args: argparse.Namespace, model: torch.nn.Module, opt: torch.op
         for group in opt.param_groups:
             group["lr"] = lr
         x = sampler.next()
-        loss, lm_loss, aux = training_losses(model, x, args.aux_coef)
+        loss, lm_loss, aux = training_losses(model, x, args.aux_coef, args.balance_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -734,7 +758,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
           f"({time.time() - t0:.0f}s)", flush=True)
 
     config = build_config(args.arch, tokenizer, args.seq_len, args.aux_coef)
-    model = build_model(config, args.experts_impl)
+    model = build_model(config, args.experts_impl, args.balance_loss)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[model] {type(model).__name__}: {n_params / 1e6:.3f}M params, experts impl "
           f"{model.config._experts_implementation}", flush=True)
@@ -775,7 +799,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "router_aux_loss_coef": args.aux_coef,
-        "balance_loss": "Switch load-balancing loss per MoE layer, averaged over layers (balance_loss_per_layer)",
+        "balance_loss": args.balance_loss,
         "experts_implementation_for_training": args.experts_impl,
         "train_wall_seconds": train_seconds,
         "process_segments": state["segments"],
