@@ -282,9 +282,7 @@ def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | str | None = No
     path = Path(path)
     record = read_pruning_record(path)
     config = AutoConfig.from_pretrained(path)
-    auto_map = getattr(config, "auto_map", None)
-    if auto_map:
-        config.auto_map = None
+    config.auto_map = None  # load in-process, never through the export's remote code
     spec = getattr(config, "diep_layers", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -9,30 +9,7 @@
 CLI: ``python -m diep_lightning.evaluation --model DIR --tasks kit_blimp,kit_wikitext2 --limit 100``.
 """
 
-from .kit import (
-    DEFAULT_TASKS,
-    SHIPPED_DATA_DIR,
-    RenderedKit,
-    default_data_dir,
-    evaluate,
-    flatten_results,
-    get_task_manager,
-    list_kit_tasks,
-    render_tasks,
-    resolve_data_dir,
-    validate_tasks,
-)
+from . import kit
+from .kit import *  # noqa: F403  (the public API is kit's)
 
-__all__ = [
-    "DEFAULT_TASKS",
-    "SHIPPED_DATA_DIR",
-    "RenderedKit",
-    "default_data_dir",
-    "evaluate",
-    "flatten_results",
-    "get_task_manager",
-    "list_kit_tasks",
-    "render_tasks",
-    "resolve_data_dir",
-    "validate_tasks",
-]
+__all__ = kit.__all__

@@ -36,6 +36,7 @@ __all__ = [
     "list_kit_tasks",
     "render_tasks",
     "resolve_data_dir",
+    "validate_tasks",
 ]
 
 log = logging.getLogger(__name__)
