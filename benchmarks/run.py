@@ -196,8 +196,8 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     name = Path(model_dir).name
     print(f"== {name}", flush=True)
     full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    result: dict[str, Any] = {"full": evaluate_model(full, model_dir, args), "full_sizes": size_report(full),
-                              "quality": {}, "cost": {}, "decode": {}}
+    result: dict[str, Any] = {"full": evaluate_model(full, model_dir, args) if "quality" in args.phases else {},
+                              "full_sizes": size_report(full), "quality": {}, "cost": {}, "decode": {}}
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
@@ -209,70 +209,89 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"   {method:<14} sparsity {sparsity:.2f} seed {seed}: " +
               ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
 
-    # DiEP: one search per data seed serves every sparsity
-    diep_modules = {}
-    for seed in seeds:
-        module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
-        diep_modules[seed] = (module.expert_scores(), datamodule)
+    if "quality" in args.phases:
+        # DiEP: one search per data seed serves every sparsity
+        diep_modules = {}
+        for seed in seeds:
+            module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
+            diep_modules[seed] = (module.expert_scores(), datamodule)
+            for sparsity in sparsities:
+                model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
+                record("diep", sparsity, seed, model, plan, sizes)
+                if seed == seeds[0]:  # the uniform ablation: one seed
+                    model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
+                    record("diep_uniform", sparsity, seed, model, plan, sizes)
+        scores0, dm0 = diep_modules[seeds[0]]
         for sparsity in sparsities:
-            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
-            record("diep", sparsity, seed, model, plan, sizes)
-            if seed == seeds[0]:  # the uniform ablation: one seed
+            model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, merge=True)
+            record("diep_merge", sparsity, seeds[0], model, plan, sizes)
+            model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, skip=True)
+            record("diep_skip", sparsity, seeds[0], model, plan, sizes)
+        # baselines
+        for seed in seeds:
+            module, _ = search(model_dir, "random", args, random_seed=seed)
+            for sparsity in sparsities:
                 model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
-                record("diep_uniform", sparsity, seed, model, plan, sizes)
-    scores0, dm0 = diep_modules[seeds[0]]
-    for sparsity in sparsities:
-        model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, merge=True)
-        record("diep_merge", sparsity, seeds[0], model, plan, sizes)
-        model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, skip=True)
-        record("diep_skip", sparsity, seeds[0], model, plan, sizes)
-    # baselines
-    for seed in seeds:
-        module, _ = search(model_dir, "random", args, random_seed=seed)
+                record("random", sparsity, seed, model, plan, sizes)
+        for method in ("frequency", "reap"):
+            module, _ = search(model_dir, method, args)
+            for sparsity in sparsities:
+                model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
+                record(method, sparsity, None, model, plan, sizes)
+        module, _ = search(model_dir, "naee", args)
         for sparsity in sparsities:
-            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
-            record("random", sparsity, seed, model, plan, sizes)
-    for method in ("frequency", "reap"):
-        module, _ = search(model_dir, method, args)
-        for sparsity in sparsities:
-            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
-            record(method, sparsity, None, model, plan, sizes)
-    module, _ = search(model_dir, "naee", args)
-    for sparsity in sparsities:
-        try:
-            naee_scores = module.expert_scores(sparsity=sparsity, mode="uniform")
-        except ValueError as err:
-            result["quality"].setdefault("naee", {})[str(sparsity)] = [{"refused": str(err)}]
-            print(f"   naee refused: {err}", flush=True)
-            continue
-        model, plan, sizes, _ = prune(model_dir, naee_scores, sparsity, "uniform")
-        record("naee", sparsity, None, model, plan, sizes)
-
-    # search cost, side by side
-    for method in ("floor", "diep", "frequency", "reap", "naee"):
-        result["cost"][method] = measure_cost(model_dir, method, args)
-        print(f"   cost {method}: {result['cost'][method]}", flush=True)
-
-    # decode speed: full, pruned 50%, pruned 50% + skipping, and skipping alone
-    torch.set_num_threads(args.threads)
-    variants = {"full": full}
-    variants["pruned_50"] = prune(model_dir, scores0, 0.5, "global")[0]
-    variants["pruned_50_skip"] = prune(model_dir, scores0, 0.5, "global", dm0, skip=True)[0]
-    skip_only = copy.deepcopy(full)
-    from diep_lightning.calibration import observe_blocks
-    from diep_lightning.families import get_family
-    from diep_lightning.skipping import calibrate_block, install_skipping
-
-    family = get_family(skip_only)
-    observations = observe_blocks(skip_only, family, list(dm0.train_dataloader())[:4], 4096)
-    gammas = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(skip_only)}
-    install_skipping(skip_only, gammas)
-    variants["full_skip"] = skip_only
-    for label, model in variants.items():
-        result["decode"][label] = {f"batch_{b}": decode_tps(model, b, args.new_tokens) for b in (1, 16)}
-        result["decode"][label]["expert_bytes"] = size_report(model)["expert_bytes"]
-        print(f"   decode {label}: {result['decode'][label]}", flush=True)
+            try:
+                naee_scores = module.expert_scores(sparsity=sparsity, mode="uniform")
+            except ValueError as err:
+                result["quality"].setdefault("naee", {})[str(sparsity)] = [{"refused": str(err)}]
+                print(f"   naee refused: {err}", flush=True)
+                continue
+            model, plan, sizes, _ = prune(model_dir, naee_scores, sparsity, "uniform")
+            record("naee", sparsity, None, model, plan, sizes)
+        result["diep_scores_seed0"] = [s.tolist() for s in scores0]
+    if "cost" in args.phases or "decode" in args.phases:
+        measure_cost_and_decode(model_dir, args, result, full)
     return result
+
+
+def measure_cost_and_decode(model_dir: str, args: argparse.Namespace, result: dict[str, Any], full: Any) -> None:
+    """Search cost (each method in its own subprocess) and decode speed, into ``result``.
+
+    Timings are only comparable on an otherwise idle machine, so with ``--jobs`` the parallel quality runs finish
+    first and this runs afterwards, one model at a time. DiEP's seed-0 scores come from the quality phase (or, if
+    it was not run here, from a fresh seed-0 search)."""
+    if "diep_scores_seed0" in result:
+        scores0 = [torch.tensor(s) for s in result["diep_scores_seed0"]]
+        dm0 = _datamodule(model_dir, args, 42)
+        dm0.setup("fit")
+    else:
+        module, dm0 = search(model_dir, "diep", args, data_seed=42)
+        scores0 = module.expert_scores()
+    if "cost" in args.phases:
+        for method in ("floor", "diep", "frequency", "reap", "naee"):
+            result["cost"][method] = measure_cost(model_dir, method, args)
+            print(f"   cost {method}: {result['cost'][method]}", flush=True)
+    if "decode" in args.phases:  # full, pruned 50%, pruned 50% + skipping, and skipping alone
+        from diep_lightning.export import size_report
+
+        torch.set_num_threads(args.threads)
+        variants = {"full": full}
+        variants["pruned_50"] = prune(model_dir, scores0, 0.5, "global")[0]
+        variants["pruned_50_skip"] = prune(model_dir, scores0, 0.5, "global", dm0, skip=True)[0]
+        skip_only = copy.deepcopy(full)
+        from diep_lightning.calibration import observe_blocks
+        from diep_lightning.families import get_family
+        from diep_lightning.skipping import calibrate_block, install_skipping
+
+        family = get_family(skip_only)
+        observations = observe_blocks(skip_only, family, list(dm0.train_dataloader())[:4], 4096)
+        gammas = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(skip_only)}
+        install_skipping(skip_only, gammas)
+        variants["full_skip"] = skip_only
+        for label, model in variants.items():
+            result["decode"][label] = {f"batch_{b}": decode_tps(model, b, args.new_tokens) for b in (1, 16)}
+            result["decode"][label]["expert_bytes"] = size_report(model)["expert_bytes"]
+            print(f"   decode {label}: {result['decode'][label]}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -281,6 +300,74 @@ def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
     if not values:
         return None
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+BASELINES = ("random", "frequency", "reap", "naee")
+LABELS = {"diep": "**diep**", "diep_merge": "diep+merge", "diep_skip": "diep+skip", "diep_uniform": "diep-uniform"}
+
+
+def _means(res: dict[str, Any], sparsity: str, task: str) -> dict[str, float]:
+    """method -> mean metric over seeds at one sparsity (methods that were refused or lack it are left out)."""
+    means = {}
+    for method, by_sparsity in res["quality"].items():
+        summary = _summary(by_sparsity.get(sparsity, []), task)
+        if summary is not None:
+            means[method] = summary[0]
+    return means
+
+
+def targets_section(results: dict[str, Any]) -> list[str]:
+    """The issue's targets, computed from the figures above: ordering per model and sparsity, and each check."""
+    lines = ["## Where each target stands", "",
+             "Computed from the tables above (means over seeds). Perplexity: ratio to the full model, lower is "
+             "better; BLiMP: accuracy, higher is better.", "",
+             "| model, sparsity | perplexity ratio, best first | BLiMP, best first |", "|---|---|---|"]
+    checks: list[str] = []
+    for name, res in results["models"].items():
+        full = res["full"]
+        sparsities = sorted({s for by_s in res["quality"].values() for s in by_s}, key=float) if full.get("kit_wikitext2") else []
+        for sparsity in sparsities:
+            ppl = {m: v / full["kit_wikitext2"] for m, v in _means(res, sparsity, "kit_wikitext2").items()}
+            blimp = _means(res, sparsity, "kit_blimp")
+            order_p = ", ".join(f"{LABELS.get(m, m)} {v:.2f}" for m, v in sorted(ppl.items(), key=lambda kv: kv[1]))
+            order_b = ", ".join(f"{LABELS.get(m, m)} {v:.3f}" for m, v in sorted(blimp.items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {name} {float(sparsity):.0%} | {order_p} | {order_b} |")
+            if "diep" in ppl:
+                beaten_p = [b for b in BASELINES if b in ppl and ppl["diep"] < ppl[b]]
+                beaten_b = [b for b in BASELINES if b in blimp and blimp["diep"] > blimp[b]]
+                present = [b for b in BASELINES if b in ppl]
+                checks.append(f"- {name} {float(sparsity):.0%}: DiEP beats {len(beaten_p)}/{len(present)} baselines on "
+                              f"perplexity ({', '.join(beaten_p) or 'none'}) and {len(beaten_b)}/{len(present)} on BLiMP "
+                              f"({', '.join(beaten_b) or 'none'})"
+                              + (f"; merging {'improves' if ppl['diep_merge'] < ppl['diep'] else 'does not improve'} "
+                                 f"perplexity ({ppl['diep']:.2f} -> {ppl['diep_merge']:.2f})" if "diep_merge" in ppl else "")
+                              + ".")
+            seed0 = {m: e[0]["metrics"].get("kit_blimp") for m, e in
+                     ((m, res["quality"].get(m, {}).get(sparsity, [])) for m in ("diep", "diep_skip")) if e and "metrics" in e[0]}
+            if len(seed0) == 2 and None not in seed0.values():
+                lost = 100 * (seed0["diep"] - seed0["diep_skip"])
+                checks.append(f"- {name} {float(sparsity):.0%}: BLiMP lost to skipping (same plan, seed 0): {lost:+.1f} "
+                              f"points (target <= 1): {'met' if lost <= 1 else 'missed'}.")
+        cost = res.get("cost", {})
+        floor, diep, naee = cost.get("floor", {}), cost.get("diep", {}), cost.get("naee", {})
+        if "wall_s" in floor and "wall_s" in diep:
+            wall, mem = diep["wall_s"] / floor["wall_s"], diep["peak_rss_mb"] / floor["peak_rss_mb"]
+            checks.append(f"- {name}: DiEP search {wall:.2f}x the floor's wall time (target <= 1.3: "
+                          f"{'met' if wall <= 1.3 else 'missed'}) and {mem:.2f}x its peak memory (target <= 1.2: "
+                          f"{'met' if mem <= 1.2 else 'missed'}).")
+        if "wall_s" in naee and "wall_s" in diep:
+            ratio = naee["wall_s"] / diep["wall_s"]
+            checks.append(f"- {name}: NAEE time / DiEP time = {ratio:.2f} (target >= 5.7: {'met' if ratio >= 5.7 else 'missed'}).")
+        elif "error" in naee:
+            checks.append(f"- {name}: NAEE refused ({naee['error'][:100]}).")
+        decode = res.get("decode", {})
+        if "full" in decode:
+            for label, target in (("full_skip", 1.07), ("pruned_50_skip", 1.28)):
+                if label in decode:
+                    ratios = [decode[label][f"batch_{b}"] / decode["full"][f"batch_{b}"] for b in (1, 16)]
+                    checks.append(f"- {name}: decode {label} {ratios[0]:.2f}x (batch 1), {ratios[1]:.2f}x (batch 16) "
+                                  f"of the full model (target >= {target}: {'met' if min(ratios) >= target else 'missed'}).")
+    return lines + [""] + checks + [""]
 
 
 def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, command: str) -> None:
@@ -311,22 +398,26 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
                     cells.append(f"{mean:.4g}" + (f" ± {std:.2g}" if len(entries) > 1 else "") +
                                  f" ({mean / full[task]:.3f}x)")
                 lines.append(f"| {method} | {sparsity} | " + " | ".join(cells) + " |")
-        lines += ["", "Search cost (each in its own process; peak resident memory includes the Python, torch and "
-                  "transformers runtime):", "", "| method | wall s | x floor | peak RSS MB | x floor |", "|---|---|---|---|---|"]
-        floor = res["cost"].get("floor", {})
-        for method, cost in res["cost"].items():
-            if "error" in cost:
-                lines.append(f"| {method} | error: {cost['error'][:80]} | | | |")
-                continue
-            lines.append(f"| {method} | {cost['wall_s']:.1f} | {cost['wall_s'] / floor['wall_s']:.2f} | "
-                         f"{cost['peak_rss_mb']:.0f} | {cost['peak_rss_mb'] / floor['peak_rss_mb']:.2f} |")
-        lines += ["", "Decode (greedy, tokens/s) and expert bytes:", "",
-                  "| model | batch 1 | x full | batch 16 | x full | expert bytes |", "|---|---|---|---|---|---|"]
-        base = res["decode"]["full"]
-        for label, row in res["decode"].items():
-            lines.append(f"| {label} | {row['batch_1']:.1f} | {row['batch_1'] / base['batch_1']:.3f} | "
-                         f"{row['batch_16']:.1f} | {row['batch_16'] / base['batch_16']:.3f} | {row['expert_bytes']:,} |")
+        if "wall_s" in res.get("cost", {}).get("floor", {}):
+            lines += ["", "Search cost (each in its own process; peak resident memory includes the Python, torch and "
+                      "transformers runtime):", "", "| method | wall s | x floor | peak RSS MB | x floor |", "|---|---|---|---|---|"]
+            floor = res["cost"].get("floor", {})
+            for method, cost in res["cost"].items():
+                if "error" in cost:
+                    lines.append(f"| {method} | error: {cost['error'][:80]} | | | |")
+                    continue
+                lines.append(f"| {method} | {cost['wall_s']:.1f} | {cost['wall_s'] / floor['wall_s']:.2f} | "
+                             f"{cost['peak_rss_mb']:.0f} | {cost['peak_rss_mb'] / floor['peak_rss_mb']:.2f} |")
+        if res.get("decode", {}).get("full"):
+            lines += ["", "Decode (greedy, tokens/s) and expert bytes:", "",
+                      "| model | batch 1 | x full | batch 16 | x full | expert bytes |", "|---|---|---|---|---|---|"]
+            base = res["decode"]["full"]
+            for label, row in res["decode"].items():
+                lines.append(f"| {label} | {row['batch_1']:.1f} | {row['batch_1'] / base['batch_1']:.3f} | "
+                             f"{row['batch_16']:.1f} | {row['batch_16'] / base['batch_16']:.3f} | {row['expert_bytes']:,} |")
         lines.append("")
+    lines += targets_section(results)
+    lines += ["What was tried to make DiEP stronger, with what it gave: [TUNING.md](TUNING.md).", ""]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
@@ -362,7 +453,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
 def _parallel(models: list[str], argv: list[str], out: Path, jobs: int) -> dict[str, Any]:
     """Benchmark each model in its own process (``jobs`` at a time) and gather their results."""
     base = [a for a in argv]
-    for flag in ("--models", "--jobs", "--out"):
+    for flag in ("--models", "--jobs", "--out", "--phases"):
         while flag in base:
             i = base.index(flag)
             del base[i:i + 2]
@@ -377,7 +468,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int) -> dict[
             part.mkdir(parents=True, exist_ok=True)
             log = open(part / "log.txt", "w")
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--models", model,
-                                     "--out", str(part)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                     "--out", str(part), "--phases", "quality"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
             running.append((proc, part))
         time.sleep(5)
         for proc, part in list(running):
@@ -407,9 +498,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=1, help="models benchmarked in parallel processes")
     parser.add_argument("--combine", default=None,
                         help="comma-separated output folders of earlier per-model runs: merge them into one report")
+    parser.add_argument("--phases", default="quality,cost,decode",
+                        help="comma-separated subset of quality,cost,decode; with --jobs > 1 the parallel runs do "
+                             "quality only and cost and decode follow one model at a time, so timings see an idle machine")
     parser.add_argument("--cost-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.limit = int(args.limit) if args.limit >= 1 else args.limit
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = sorted(set(args.phases) - {"quality", "cost", "decode"})
+    if unknown or not args.phases:
+        parser.error(f"--phases: unknown phase(s) {unknown or '(none given)'}; choose from quality, cost, decode")
     torch.set_num_threads(args.threads)
     if args.cost_child:
         print(json.dumps(cost_child(args.models.split(",")[0], args.cost_child, args)))
@@ -431,6 +529,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models = args.models.split(",")
     if args.jobs > 1 and len(models) > 1:
         results["models"] = _parallel(models, argv if argv is not None else sys.argv[1:], out, args.jobs)
+        timed = [p for p in args.phases if p != "quality"]
+        if timed:  # now the machine is idle: one model at a time
+            from transformers import AutoModelForCausalLM
+
+            for model_dir in models:
+                full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+                measure_cost_and_decode(model_dir, argparse.Namespace(**{**vars(args), "phases": timed}),
+                                        results["models"][Path(model_dir).name], full)
     else:
         for model_dir in models:
             results["models"][Path(model_dir).name] = run_model(model_dir, args)

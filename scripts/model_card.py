@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,6 +67,14 @@ def card(model_dir: Path, metrics: dict, log: dict) -> str:
     rise_rows = "\n".join(f"| {i} | " + " ".join(f"{r:+.3f}" for r in row) + f" | {max(row):+.3f} / {min(row):+.3f} |"
                           for i, row in enumerate(metrics["single_expert_removal_loss_rise"]))
     config = json.loads((model_dir / "config.json").read_text())
+    threads = log.get("threads", "?")
+    command = log.get("command", "python scripts/train_tiny_moe.py")
+    out = re.search(r"--out (\S+)", command)
+    if out and Path(out.group(1)).resolve() != model_dir.resolve():
+        # trained into a scratch folder and copied here: the reproduce line writes straight to this folder
+        command = command.replace(out.group(0), f"--out {model_dir.as_posix()}")
+    balance = {"per-layer": "per MoE layer", "global": "pooled over layers (transformers' built-in)"}.get(
+        log.get("balance_loss", "global"), "on")
     return f"""---
 library_name: transformers
 license: apache-2.0
@@ -83,10 +92,10 @@ expert pruning (random weights cannot tell a good pruning from a bad one). Loads
 - Data: `../shared/data/train_corpus` (C4 validation sample, Project Gutenberg, State of the Union and inaugural
   addresses, tiny-shakespeare, WikiText-2 *validation*); WikiText-2 test and every benchmark file held out.
 - Training: {log.get('steps', '?')} steps, {log.get('tokens_seen', 0):,} tokens seen, seed {log.get('seed', '?')},
-  router load-balancing loss on; final training loss (mean of the last 50 steps) {log.get('final_train_loss_last50', float('nan')):.3f};
+  router load-balancing loss {balance}, batch {log.get('batch_size', '?')} x {log.get('seq_len', '?')}, peak lr {log.get('lr', '?')}; final training loss (mean of the last 50 steps) {log.get('final_train_loss_last50', float('nan')):.3f};
   training wall time {log.get('train_wall_seconds', 0) / 60:.1f} min on this 2-core CPU machine
-  ({log.get('threads', '?')} thread).
-- Reproduce: `{log.get('command', 'python scripts/train_tiny_moe.py')}`
+  ({threads} thread{'s' if threads != 1 else ''}); held-out validation loss {log.get('val_loss', float('nan')):.3f}.
+- Reproduce: `{command}`
 
 ## Measured with the project's offline kit (`{metrics['command']}`)
 
@@ -119,7 +128,15 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="held-out 256-token windows for usage/ablation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all; for dry runs)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="re-write README.md from the card_metrics.json already measured (no evaluation)")
     args = parser.parse_args()
+    if args.render_only:
+        model_dir = Path(args.model)
+        metrics = json.loads((model_dir / "card_metrics.json").read_text())
+        log_path = model_dir / "training_log.json"
+        (model_dir / "README.md").write_text(card(model_dir, metrics, json.loads(log_path.read_text()) if log_path.exists() else {}))
+        return
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

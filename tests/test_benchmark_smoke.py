@@ -26,5 +26,18 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert res["decode"]["pruned_50"]["expert_bytes"] < res["decode"]["full"]["expert_bytes"]
     report = (out / "RESULTS.md").read_text()
     assert "| diep | 0.5 |" in report and "Search cost" in report
+    # the targets are computed from the run, so a re-run never loses them
+    assert "## Where each target stands" in report and "DiEP search" in report and "decode full_skip" in report
     assert json.loads((out / "results.json").read_text())["models"]
     assert list(out.glob("quality_vs_sparsity_*.png"))
+
+
+def test_benchmark_rejects_unknown_phase(tmp_path, capsys):
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.main(["--phases", "quality,speed", "--out", str(tmp_path)])
+    assert "--phases" in capsys.readouterr().err
