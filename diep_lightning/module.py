@@ -46,8 +46,17 @@ def parse_ratio(ratio: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=5e-3)
+def _default_alpha_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam at lr 2e-2 (the paper: 5e-3): in the paper's 60 alpha steps, 5e-3 moves the logits by at most 0.3,
+    too little to order the experts of a layer; 2e-2 measured best (benchmarks/TUNING.md)."""
+    return torch.optim.Adam(params, lr=2e-2)
+
+
+def _default_beta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Plain gradient steps (the paper's eq. 9) at lr 1.0. Adam would move every layer's beta by the same amount
+    per step (its update is about lr x sign(gradient)), erasing the between-layer differences that decide how many
+    experts each layer keeps; SGD keeps their size (benchmarks/TUNING.md)."""
+    return torch.optim.SGD(params, lr=1.0)
 
 
 def resolve_model_path(model_name_or_path: str) -> str:
@@ -88,9 +97,13 @@ class DiEPModule(LightningModule):
         reconstruction_reduction: "mean" (default): squared L2 error per token averaged over tokens, summed
             over layers; "sum": squared Frobenius norm summed over tokens and layers (the literal eq. 6).
         alpha_beta_ratio: consecutive alpha steps : beta steps, e.g. "3:1".
-        alpha_scaling: "n_softmax" (default): s(alpha) = N * softmax(a), so the relaxed model equals the
-            original at initialisation; "softmax": the paper's literal alpha.
-        alpha_optimizer / beta_optimizer: optimizer factories (default Adam, lr 5e-3).
+        alpha_scaling: "softmax" (default): the paper's literal alpha, so every expert starts at 1/N of its
+            weight and the search learns which experts to restore; "n_softmax": s(alpha) = N * softmax(a), so the
+            relaxed model equals the original at initialisation (measured far worse: at the original model the
+            gradients carry little information about importance; benchmarks/TUNING.md).
+        alpha_optimizer: optimizer factory for the alpha logits (default Adam, lr 2e-2; the paper: 5e-3).
+        beta_optimizer: optimizer factory for the per-layer betas (default SGD, lr 1.0: plain gradient steps
+            keep the between-layer differences that Adam's per-parameter normalisation erases).
         alpha_scheduler / beta_scheduler: scheduler factories; default: cosine annealing over each
             optimizer's own number of steps.
         gradient_clip_val: max gradient norm of each step's parameters (None: no clipping). Clipping is done
@@ -115,9 +128,9 @@ class DiEPModule(LightningModule):
         reconstruction: Literal["blocks", "final_hidden"] = "blocks",
         reconstruction_reduction: Literal["mean", "sum"] = "mean",
         alpha_beta_ratio: str = "3:1",
-        alpha_scaling: Literal["n_softmax", "softmax"] = "n_softmax",
-        alpha_optimizer: OptimizerCallable = _default_optimizer,
-        beta_optimizer: OptimizerCallable = _default_optimizer,
+        alpha_scaling: Literal["n_softmax", "softmax"] = "softmax",
+        alpha_optimizer: OptimizerCallable = _default_alpha_optimizer,
+        beta_optimizer: OptimizerCallable = _default_beta_optimizer,
         alpha_scheduler: LRSchedulerCallable | None = None,
         beta_scheduler: LRSchedulerCallable | None = None,
         gradient_clip_val: float | None = 1.0,

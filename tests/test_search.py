@@ -21,8 +21,8 @@ def _checkpoint(root) -> dict:
     return torch.load(paths[-1], map_location="cpu", weights_only=False)
 
 
-def test_relaxed_model_equals_original_at_initialisation(tiny_mixtral_dir):
-    module = DiEPModule(tiny_mixtral_dir)
+def test_n_softmax_relaxed_model_equals_original_at_initialisation(tiny_mixtral_dir):
+    module = DiEPModule(tiny_mixtral_dir, alpha_scaling="n_softmax")
     module.configure_model()
     batch = {"input_ids": torch.randint(3, 200, (2, 16))}
     losses = module.compute_losses(batch)
@@ -36,11 +36,27 @@ def test_relaxed_model_equals_original_at_initialisation(tiny_mixtral_dir):
     assert sum(p.numel() for p in module.parameters() if p.requires_grad) == 8 * 2 + 2
 
 
-def test_paper_literal_alpha_scaling_shrinks_outputs(tiny_mixtral_dir):
-    module = DiEPModule(tiny_mixtral_dir, alpha_scaling="softmax")
+def test_default_is_paper_literal_alpha_scaling_that_shrinks_outputs(tiny_mixtral_dir):
+    module = DiEPModule(tiny_mixtral_dir)
+    assert module.hparams.alpha_scaling == "softmax"
     module.configure_model()
     losses = module.compute_losses({"input_ids": torch.randint(3, 200, (2, 16))})
     assert losses["reconstruction"].item() > 0
+    # every expert of a block starts at 1/N of its routing weight
+    assert torch.allclose(module.expert_scale(0), torch.full((8,), 1 / 8))
+
+
+def test_default_optimizers_adam_for_alpha_plain_gradient_steps_for_beta(tiny_mixtral_dir):
+    """Adam's per-parameter normalisation would move every beta alike; SGD keeps layer differences."""
+    module = DiEPModule(tiny_mixtral_dir)
+    module.configure_model()
+    (opt_alpha, opt_beta), _ = module.configure_optimizers()
+    assert isinstance(opt_alpha, torch.optim.Adam) and opt_alpha.param_groups[0]["lr"] == 2e-2
+    assert isinstance(opt_beta, torch.optim.SGD) and opt_beta.param_groups[0]["lr"] == 1.0
+    # two layers with gradients of different size move by different amounts under the default beta optimizer
+    module.beta[0].grad, module.beta[1].grad = torch.tensor(-0.5), torch.tensor(-0.05)
+    opt_beta.step()
+    assert module.beta[0].item() - 1 == pytest.approx(0.5) and module.beta[1].item() - 1 == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("ratio,expected", [("3:1", (3, 1)), ("1:1", (1, 1)), ([2, 0], (2, 0))])
