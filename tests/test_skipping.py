@@ -99,3 +99,21 @@ def test_skipping_refuses_top1_routing():
     blocks = get_family(model).blocks(model)
     with pytest.raises(ValueError, match="top-k >= 2"):
         install_skipping(model, {b.index: torch.zeros(8, 8) for b in blocks})
+
+
+def test_single_token_drops_skipped_slots_and_matches_batched_path():
+    """Batch-1 decoding routes the token to its kept experts only, with the same result as the sentinel path."""
+    model = tiny_model("mixtral", experts_implementation="eager")
+    blocks = get_family(model).blocks(model)
+    shape = blocks[0].experts.gate_up_proj.shape[1:]
+    install_skipping(model, {b.index: torch.full((8, 8), 1e9) for b in blocks})
+    seen = []
+    handle = blocks[0].experts.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[1].shape)))
+    token = TOKENS[:1, :1]
+    with _RowCounter(shape) as counter:
+        single = _logits(model, token)
+    assert counter.rows == len(blocks) and seen[-1] == (1, 1)
+    batched = _logits(model, token.expand(2, 1).contiguous())  # two tokens: the sentinel path
+    assert seen[-1] == (2, 2)
+    handle.remove()
+    torch.testing.assert_close(single[0], batched[0], rtol=1e-5, atol=1e-5)

@@ -360,8 +360,10 @@ class MoEFamily:
         """Drop a chosen expert for a token when its weight is under gamma x the top expert's weight.
 
         For each token the top-weighted chosen expert e0 always runs; another chosen expert e runs only if
-        ``w_e >= gamma[e0, e] * w_e0``. A skipped slot is routed to the sentinel index ``N`` with weight 0,
-        which the experts forward never computes, so the work really disappears.
+        ``w_e >= gamma[e0, e] * w_e0``. The work really disappears: a single token (batch-1 decoding) is routed
+        to its kept experts only; in a batch a skipped slot goes to the sentinel index ``N`` with weight 0,
+        which the experts forward never computes (transformers' expert-parallel path); a call with nothing to
+        skip takes the stock path unchanged.
 
         Args:
             blocks: blocks to install it on.
@@ -374,31 +376,40 @@ class MoEFamily:
                 continue
             if block.top_k < 2:
                 raise ValueError(f"gammas: skipping needs top-k >= 2, block {block.index} routes top-{block.top_k}")
-            block.experts._is_expert_parallel = True  # makes the batched/grouped paths honour sentinel slots
             group.handles.append(block.experts.register_forward_pre_hook(
                 self._skip_hook(block, gammas[block.index], renormalize, group)))
         return group
 
     @staticmethod
     def _skip_hook(block: MoEBlock, gamma: torch.Tensor, renormalize: bool, group: _HookGroup) -> Callable[..., Any]:
+        cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             if not group.enabled:
                 return None
             hidden, idx, w = args[0], args[1], args[2]
+            key = (w.device, w.dtype)
+            if key not in cache:  # thresholds moved to the routing weights' device and dtype once, not per call
+                cache[key] = gamma.to(w.device, w.dtype)
             top = w.argmax(dim=-1, keepdim=True)
-            e0 = idx.gather(-1, top)
-            w0 = w.gather(-1, top)
-            g = gamma.to(w.device, w.dtype)[e0.expand_as(idx), idx]
-            skip = w < g * w0
+            skip = w < cache[key][idx.gather(-1, top).expand_as(idx), idx] * w.gather(-1, top)
             skip.scatter_(-1, top, False)
+            skipped = int(skip.sum())
+            stats = group.stats.setdefault(block.index, [0, 0])
+            stats[0] += skipped
+            stats[1] += skip.numel()
+            if skipped == 0:  # nothing to drop: the stock path, without the sentinel bookkeeping
+                module._is_expert_parallel = False
+                return None
             new_w = w.masked_fill(skip, 0.0)
             if renormalize:
                 new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
-            new_idx = idx.masked_fill(skip, module.num_experts)
-            stats = group.stats.setdefault(block.index, [0, 0])
-            stats[0] += int(skip.sum())
-            stats[1] += skip.numel()
-            return (hidden, new_idx, new_w, *args[3:])
+            if idx.shape[0] == 1:  # one token (batch-1 decoding): route it to its kept experts only
+                keep = ~skip[0]
+                module._is_expert_parallel = False
+                return (hidden, idx[:, keep], new_w[:, keep], *args[3:])
+            module._is_expert_parallel = True  # the batched/grouped paths leave sentinel slots uncomputed
+            return (hidden, idx.masked_fill(skip, module.num_experts), new_w, *args[3:])
 
         return hook
 
