@@ -340,7 +340,7 @@ def targets_section(results: dict[str, Any]) -> list[str]:
                               f"perplexity ({', '.join(beaten_p) or 'none'}) and {len(beaten_b)}/{len(present)} on BLiMP "
                               f"({', '.join(beaten_b) or 'none'})"
                               + (f"; merging {'improves' if ppl['diep_merge'] < ppl['diep'] else 'does not improve'} "
-                                 f"perplexity ({ppl['diep']:.2f} -> {ppl['diep_merge']:.2f})" if "diep_merge" in ppl else "")
+                                 f"perplexity ({ppl['diep']:.3f} -> {ppl['diep_merge']:.3f})" if "diep_merge" in ppl else "")
                               + ".")
             seed0 = {m: e[0]["metrics"].get("kit_blimp") for m, e in
                      ((m, res["quality"].get(m, {}).get(sparsity, [])) for m in ("diep", "diep_skip")) if e and "metrics" in e[0]}
@@ -376,6 +376,9 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
              f"{args.threads} thread(s); evaluation: {args.limit} documents per task, {args.blimp_limit} pairs per BLiMP "
              f"paradigm, {args.wikitext_limit} WikiText-2 test articles; search: {args.epochs} epochs, "
              f"{args.num_samples} x {args.seq_len} tokens, batch {args.batch_size}.", ""]
+    if getattr(args, "jobs", 1) > 1:
+        lines += [f"The models' quality runs went in {args.jobs} parallel processes; search cost and decode speed were "
+                  "measured afterwards, one model at a time, on an otherwise idle machine.", ""]
     for model_name, res in results["models"].items():
         lines += [f"## {model_name}", "", "Quality relative to the full model (mean ± std over seeds where several; "
                   "perplexity: lower is better, ratios > 1 are worse; accuracies: ratio of accuracies).", ""]
