@@ -1,37 +1,73 @@
-"""Merging temperature screen on the tune.py proxy: one default DiEP search, then global pruning at 25% and 50%
-without merging and with ExpertMerging at temperatures 1.0, 0.3 and 0.1; token perplexity of each.
+"""Screen ExpertMerging's temperature on the ``tune.py`` proxy.
 
-    python benchmarks/tune_merging.py models/tiny-mixtral
+One DiEP search with the defaults, then global pruning at 25% and 50%, without merging and with merging at each
+temperature; prints the token perplexity of each pruned model (see ``TUNING.md``)::
+
+    python benchmarks/tune_merging.py --model models/tiny-mixtral
 """
-import sys, json, argparse, torch
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
 from pathlib import Path
+from typing import Any
+
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as B, tune as T
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from diep_lightning.calibration import observe_blocks
-from diep_lightning.callbacks.merging import ExpertMerging
-from diep_lightning.export import apply_plan
-from diep_lightning.families import get_family
-from diep_lightning.pruning import select_experts
-torch.set_num_threads(1)
-m = sys.argv[1]
-a = argparse.Namespace(epochs=10, num_samples=64, seq_len=128, batch_size=16)
-tok = AutoTokenizer.from_pretrained(m)
-ids = torch.tensor(tok(T.DATA.read_text()[:400_000])["input_ids"][:32768])
-mod, dm = B.search(m, "diep", a, data_seed=42)
-scores = mod.expert_scores()
-batches = list(dm.train_dataloader())[:4]
-res = {"model": m}
-for sp in (0.25, 0.5):
-    for t in (None, 1.0, 0.3, 0.1):
-        model = AutoModelForCausalLM.from_pretrained(m).eval()
-        fam = get_family(model); blocks = fam.blocks(model)
-        plan = select_experts(scores, sp, [b.top_k for b in blocks], "global")
-        if t is not None:
-            merger = ExpertMerging(temperature=t)
-            obs = observe_blocks(model, fam, batches, merger.max_tokens)
-            plan.merges = [merger.merge_groups(fam, b, obs[b.index], plan.kept[b.index], plan.removed[b.index]) if plan.removed[b.index] else {} for b in blocks]
-        apply_plan(model, plan, fam)
-        res[f"{sp}_{t}"] = round(T.token_perplexity(model, ids), 2)
-        print(sp, t, res[f"{sp}_{t}"], flush=True)
-print(json.dumps(res))
+import run as bench  # noqa: E402
+import tune  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="models/tiny-mixtral")
+    parser.add_argument("--temperatures", default="1.0,0.3,0.1")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    temperatures = [float(t) for t in args.temperatures.split(",")]
+    if any(t <= 0 for t in temperatures):
+        raise SystemExit("error: --temperatures: every temperature must be > 0, e.g. 1.0,0.3,0.1")
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from diep_lightning.calibration import observe_blocks
+    from diep_lightning.callbacks.merging import ExpertMerging
+    from diep_lightning.export import apply_plan
+    from diep_lightning.families import get_family
+    from diep_lightning.pruning import select_experts
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ids = torch.tensor(tokenizer(tune.DATA.read_text()[:400_000])["input_ids"][:32768])
+    module, datamodule = bench.search(args.model, "diep", args, data_seed=42)
+    scores = module.expert_scores()
+    batches = list(datamodule.train_dataloader())[:4]
+    result: dict[str, Any] = {"model": Path(args.model).name}
+    for sparsity in (0.25, 0.5):
+        for temperature in [None, *temperatures]:
+            model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+            family = get_family(model)
+            blocks = family.blocks(model)
+            plan = select_experts(scores, sparsity, [b.top_k for b in blocks], "global")
+            if temperature is not None:
+                merger = ExpertMerging(temperature=temperature)
+                observations = observe_blocks(model, family, batches, merger.max_tokens)
+                plan.merges = [merger.merge_groups(family, b, observations[b.index], plan.kept[b.index],
+                                                   plan.removed[b.index]) if plan.removed[b.index] else {}
+                               for b in blocks]
+            apply_plan(model, plan, family)
+            key = f"{sparsity}_{'no_merging' if temperature is None else temperature}"
+            result[key] = round(tune.token_perplexity(model, ids), 2)
+            print(key, result[key], flush=True)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
