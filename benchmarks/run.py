@@ -124,7 +124,7 @@ def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[
 
 # ---------------------------------------------------------------------------------------------- pruning
 def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str, datamodule: Any = None,
-          merge: bool = False, skip: bool = False):
+          merge: bool = False, skip: bool = False, merge_temperature: float = 1.0):
     """A fresh copy of the model pruned with ``scores``; optional merging and skipping."""
     from transformers import AutoModelForCausalLM
 
@@ -141,7 +141,7 @@ def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str
     plan = select_experts(scores, sparsity, [b.top_k for b in blocks], mode)
     batches = list(datamodule.train_dataloader())[:4] if datamodule is not None else []
     if merge:
-        merger = ExpertMerging()
+        merger = ExpertMerging(temperature=merge_temperature)
         observations = observe_blocks(model, family, batches, merger.max_tokens)
         plan.merges = [merger.merge_groups(family, b, observations[b.index], plan.kept[b.index],
                                            plan.removed[b.index]) if plan.removed[b.index] else {} for b in blocks]

@@ -35,33 +35,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(t <= 0 for t in temperatures):
         raise SystemExit("error: --temperatures: every temperature must be > 0, e.g. 1.0,0.3,0.1")
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from diep_lightning.calibration import observe_blocks
-    from diep_lightning.callbacks.merging import ExpertMerging
-    from diep_lightning.export import apply_plan
-    from diep_lightning.families import get_family
-    from diep_lightning.pruning import select_experts
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = torch.tensor(tokenizer(tune.DATA.read_text()[:400_000])["input_ids"][:32768])
     module, datamodule = bench.search(args.model, "diep", args, data_seed=42)
     scores = module.expert_scores()
-    batches = list(datamodule.train_dataloader())[:4]
     result: dict[str, Any] = {"model": Path(args.model).name}
     for sparsity in (0.25, 0.5):
         for temperature in [None, *temperatures]:
-            model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-            family = get_family(model)
-            blocks = family.blocks(model)
-            plan = select_experts(scores, sparsity, [b.top_k for b in blocks], "global")
-            if temperature is not None:
-                merger = ExpertMerging(temperature=temperature)
-                observations = observe_blocks(model, family, batches, merger.max_tokens)
-                plan.merges = [merger.merge_groups(family, b, observations[b.index], plan.kept[b.index],
-                                                   plan.removed[b.index]) if plan.removed[b.index] else {}
-                               for b in blocks]
-            apply_plan(model, plan, family)
+            model = bench.prune(args.model, scores, sparsity, "global", datamodule, merge=temperature is not None,
+                                merge_temperature=temperature or 1.0)[0]
             key = f"{sparsity}_{'no_merging' if temperature is None else temperature}"
             result[key] = round(tune.token_perplexity(model, ids), 2)
             print(key, result[key], flush=True)
