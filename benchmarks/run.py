@@ -188,6 +188,24 @@ def decode_tps(model: Any, batch: int, new_tokens: int, prompt_len: int = 16, re
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def checkpoint_sha256(model_dir: str) -> str | None:
+    """SHA-256 of the model's ``model.safetensors``, so a report says which checkpoint it measured.
+
+    The shipped models get retrained; without the fingerprint a stale report is indistinguishable from a
+    fresh one. Returns ``None`` for a directory without that file (a sharded or remote model).
+    """
+    import hashlib
+
+    path = Path(model_dir) / "model.safetensors"
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +215,8 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"== {name}", flush=True)
     full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     result: dict[str, Any] = {"full": evaluate_model(full, model_dir, args) if "quality" in args.phases else {},
-                              "full_sizes": size_report(full), "quality": {}, "cost": {}, "decode": {}}
+                              "full_sizes": size_report(full), "quality": {}, "cost": {}, "decode": {},
+                              "checkpoint_sha256": checkpoint_sha256(model_dir)}
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
@@ -380,7 +399,11 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
         lines += [f"The models' quality runs went in {args.jobs} parallel processes; search cost and decode speed were "
                   "measured afterwards, one model at a time, on an otherwise idle machine.", ""]
     for model_name, res in results["models"].items():
-        lines += [f"## {model_name}", "", "Quality relative to the full model (mean ± std over seeds where several; "
+        lines += [f"## {model_name}", ""]
+        if res.get("checkpoint_sha256"):
+            lines += [f"Checkpoint: `model.safetensors` sha256 `{res['checkpoint_sha256'][:16]}…` "
+                      f"(compare with `sha256sum models/{model_name}/model.safetensors`).", ""]
+        lines += ["Quality relative to the full model (mean ± std over seeds where several; "
                   "perplexity: lower is better, ratios > 1 are worse; accuracies: ratio of accuracies).", ""]
         full = res["full"]
         lines.append("| method | sparsity | " + " | ".join(TASKS) + " |")

@@ -29,6 +29,11 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     # the targets are computed from the run, so a re-run never loses them
     assert "## Where each target stands" in report and "DiEP search" in report and "decode full_skip" in report
     assert json.loads((out / "results.json").read_text())["models"]
+    # the report names the checkpoint it measured, so a retrained model shows the report is stale
+    import hashlib
+
+    sha = hashlib.sha256((Path(tiny_mixtral_dir) / "model.safetensors").read_bytes()).hexdigest()
+    assert res["checkpoint_sha256"] == sha and f"sha256 `{sha[:16]}" in report
     assert list(out.glob("quality_vs_sparsity_*.png"))
 
 
