@@ -21,14 +21,15 @@ Reproduce the shipped models (CPU)::
     python3 scripts/train_tiny_moe.py --arch mixtral --out models/tiny-mixtral --tokenizer models/tiny-mixtral \
         --seed 0 --threads 2 --batch-size 4 --lr 1.5e-3 --warmup 240 --balance-loss per-layer \
         --max-steps 7200 --max-minutes 58 --eval-every 1200 --log-every 100
-    # tiny-qwen-moe: the first recipe (640 steps of 16 x 256 tokens), one thread, about 34 min
-    python3 scripts/train_tiny_moe.py --arch qwen-moe --out models/tiny-qwen-moe \
-        --tokenizer models/tiny-mixtral --seed 0 --max-steps 640 --max-minutes 55 --threads 1
+    # tiny-qwen-moe: 2000 steps of 8 x 256 tokens (4.10 M tokens, 1.0 epoch), one thread, 40.7 min here
+    python3 scripts/train_tiny_moe.py --arch qwen-moe --out models/tiny-qwen-moe --tokenizer models/tiny-mixtral \
+        --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
+        --max-steps 2000 --max-minutes 59 --eval-every 500 --log-every 100
     python3 scripts/model_card.py --model models/tiny-mixtral --threads 2
     python3 scripts/model_card.py --model models/tiny-qwen-moe --threads 2
 
-The shipped tiny-mixtral was written to a scratch ``--out`` and copied into ``models/`` (so a half-finished run
-never replaces a shipped model); its ``training_log.json`` records that command verbatim.
+Both shipped models were written to a scratch ``--out`` and copied into ``models/`` (so a half-finished run
+never replaces a shipped model); each ``training_log.json`` records its command verbatim.
 
 The script's defaults are the first recipe: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak lr 2e-3,
 60 warm-up steps, cosine to 10%, batch 16 x 256 tokens, grad-norm clip 1.0, fp32, transformers'
@@ -44,8 +45,9 @@ killed run continues bit-for-bit when the same command is run again.
 
 transformers' ``load_balancing_loss_func`` pools the routing statistics of all layers before
 multiplying them, so it only balances each expert's load summed over layers: with it a layer can
-starve experts (the shipped tiny-qwen-moe has 1-4 experts per layer that get no validation tokens).
-``--balance-loss per-layer`` (:func:`balance_loss_per_layer`) balances every layer.
+starve experts (the first tiny-qwen-moe had 1, 0, 6 and 1 experts in its four layers that got no held-out
+tokens). ``--balance-loss per-layer`` (:func:`balance_loss_per_layer`) balances every layer; both shipped
+models use it.
 
 Each output directory receives ``model.safetensors`` (fp32), ``config.json``,
 ``generation_config.json``, the tokenizer files and ``training_log.json`` (arch, seed, steps, tokens
