@@ -395,11 +395,16 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
              f"{args.threads} thread(s); evaluation: {args.limit} documents per task, {args.blimp_limit} pairs per BLiMP "
              f"paradigm, {args.wikitext_limit} WikiText-2 test articles; search: {args.epochs} epochs, "
              f"{args.num_samples} x {args.seq_len} tokens, batch {args.batch_size}.", ""]
-    if getattr(args, "jobs", 1) > 1:
+    if results.get("combined"):
+        lines += ["Merged from separate runs (`--combine`); each model's section names the command that measured it. "
+                  "The settings above are the first run's.", ""]
+    elif getattr(args, "jobs", 1) > 1:
         lines += [f"The models' quality runs went in {args.jobs} parallel processes; search cost and decode speed were "
                   "measured afterwards, one model at a time, on an otherwise idle machine.", ""]
     for model_name, res in results["models"].items():
         lines += [f"## {model_name}", ""]
+        if res.get("measured_by"):
+            lines += [f"Measured by: `{res['measured_by']}`.", ""]
         if res.get("checkpoint_sha256"):
             lines += [f"Checkpoint: `model.safetensors` sha256 `{res['checkpoint_sha256'][:16]}…` "
                       f"(compare with `sha256sum models/{model_name}/model.safetensors`).", ""]
@@ -542,9 +547,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if args.combine:
         parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine.split(",")]
-        merged = {"command": " ; ".join(p["command"] for p in parts), "args": parts[0]["args"], "models": {}}
+        merged = {"command": " ; ".join(p["command"] for p in parts), "args": parts[0]["args"], "models": {},
+                  "combined": True}
         for part in parts:
-            merged["models"].update(part["models"])
+            for name, res in part["models"].items():
+                # each section keeps the run that measured it: the runs may differ in seeds, threads or jobs
+                merged["models"][name] = {**res, "measured_by": res.get("measured_by", part["command"])}
         (out / "results.json").write_text(json.dumps(merged, indent=2))
         write_report(merged, argparse.Namespace(**{**parts[0]["args"], "threads": parts[0]["args"]["threads"]}),
                      out, merged["command"])

@@ -34,6 +34,17 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
 
     sha = hashlib.sha256((Path(tiny_mixtral_dir) / "model.safetensors").read_bytes()).hexdigest()
     assert res["checkpoint_sha256"] == sha and f"sha256 `{sha[:16]}" in report
+
+    # --combine merges runs and keeps, per model, the command that measured it
+    other = json.loads((out / "results.json").read_text())
+    other["command"], other["models"] = "python benchmarks/run.py --seeds 1", {"copy": res}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text(json.dumps(other))
+    merged = bench.main(["--combine", f"{out},{tmp_path / 'other'}", "--out", str(tmp_path / "merged")])
+    assert set(merged["models"]) == {next(iter(results["models"])), "copy"}
+    merged_report = (tmp_path / "merged" / "RESULTS.md").read_text()
+    assert "Measured by: `python benchmarks/run.py --seeds 1`." in merged_report
+    assert f"Measured by: `{results['command']}`." in merged_report
     assert list(out.glob("quality_vs_sparsity_*.png"))
 
 
