@@ -395,7 +395,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
              f"{args.threads} thread(s); evaluation: {args.limit} documents per task, {args.blimp_limit} pairs per BLiMP "
              f"paradigm, {args.wikitext_limit} WikiText-2 test articles; search: {args.epochs} epochs, "
              f"{args.num_samples} x {args.seq_len} tokens, batch {args.batch_size}.", ""]
-    if results.get("combined"):
+    if any("measured_by" in res for res in results["models"].values()):  # set only by --combine
         lines += ["Merged from separate runs (`--combine`); each model's section names the command that measured it. "
                   "The settings above are the first run's.", ""]
     elif getattr(args, "jobs", 1) > 1:
@@ -547,15 +547,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if args.combine:
         parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine.split(",")]
-        merged = {"command": " ; ".join(p["command"] for p in parts), "args": parts[0]["args"], "models": {},
-                  "combined": True}
+        merged = {"command": " ; ".join(p["command"] for p in parts), "args": parts[0]["args"], "models": {}}
         for part in parts:
             for name, res in part["models"].items():
                 # each section keeps the run that measured it: the runs may differ in seeds, threads or jobs
                 merged["models"][name] = {**res, "measured_by": res.get("measured_by", part["command"])}
         (out / "results.json").write_text(json.dumps(merged, indent=2))
-        write_report(merged, argparse.Namespace(**{**parts[0]["args"], "threads": parts[0]["args"]["threads"]}),
-                     out, merged["command"])
+        write_report(merged, argparse.Namespace(**parts[0]["args"]), out, merged["command"])
         plot(merged, out)
         return merged
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])

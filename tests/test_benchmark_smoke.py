@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -30,8 +31,6 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert "## Where each target stands" in report and "DiEP search" in report and "decode full_skip" in report
     assert json.loads((out / "results.json").read_text())["models"]
     # the report names the checkpoint it measured, so a retrained model shows the report is stale
-    import hashlib
-
     sha = hashlib.sha256((Path(tiny_mixtral_dir) / "model.safetensors").read_bytes()).hexdigest()
     assert res["checkpoint_sha256"] == sha and f"sha256 `{sha[:16]}" in report
 
