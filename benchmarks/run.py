@@ -528,7 +528,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(REPO / "benchmarks"))
     parser.add_argument("--jobs", type=int, default=1, help="models benchmarked in parallel processes")
     parser.add_argument("--combine", default=None,
-                        help="comma-separated output folders of earlier per-model runs: merge them into one report")
+                        help="comma-separated output folders of earlier per-model runs: merge them into one report "
+                             "(a later folder's section replaces an earlier one's for the same model)")
     parser.add_argument("--phases", default="quality,cost,decode",
                         help="comma-separated subset of quality,cost,decode; with --jobs > 1 the parallel runs do "
                              "quality only and cost and decode follow one model at a time, so timings see an idle machine")
@@ -547,11 +548,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if args.combine:
         parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine.split(",")]
-        merged = {"command": " ; ".join(p["command"] for p in parts), "args": parts[0]["args"], "models": {}}
-        for part in parts:
+        merged = {"args": parts[0]["args"], "models": {}}
+        for part in parts:  # a later folder's section replaces an earlier one's for the same model
             for name, res in part["models"].items():
                 # each section keeps the run that measured it: the runs may differ in seeds, threads or jobs
                 merged["models"][name] = {**res, "measured_by": res.get("measured_by", part["command"])}
+        merged["command"] = " ; ".join(dict.fromkeys(res["measured_by"] for res in merged["models"].values()))
         (out / "results.json").write_text(json.dumps(merged, indent=2))
         write_report(merged, argparse.Namespace(**parts[0]["args"]), out, merged["command"])
         plot(merged, out)

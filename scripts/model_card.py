@@ -73,6 +73,11 @@ def card(model_dir: Path, metrics: dict, log: dict) -> str:
     if out and Path(out.group(1)).resolve() != model_dir.resolve():
         # trained into a scratch folder and copied here: the reproduce line writes straight to this folder
         command = command.replace(out.group(0), f"--out {model_dir.as_posix()}")
+    measured_by = metrics["command"]
+    measured_on = re.search(r"--model (\S+)", measured_by)
+    if measured_on and Path(measured_on.group(1)).resolve() != model_dir.resolve():
+        # measured in the scratch folder before the identical files were copied here
+        measured_by = measured_by.replace(measured_on.group(0), f"--model {model_dir.as_posix()}")
     balance = {"per-layer": "per MoE layer", "global": "pooled over layers (transformers' built-in)"}.get(
         log.get("balance_loss", "global"), "on")
     return f"""---
@@ -97,7 +102,7 @@ expert pruning (random weights cannot tell a good pruning from a bad one). Loads
   ({threads} thread{'s' if threads != 1 else ''}); held-out validation loss {log.get('val_loss', float('nan')):.3f}.
 - Reproduce: `{command}`
 
-## Measured with the project's offline kit (`{metrics['command']}`)
+## Measured with the project's offline kit (`{measured_by}`)
 
 | metric | value |
 |---|---|

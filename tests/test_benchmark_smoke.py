@@ -46,6 +46,14 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert f"Measured by: `{results['command']}`." in merged_report
     assert list(out.glob("quality_vs_sparsity_*.png"))
 
+    # a later folder's section replaces an earlier one's, and the replaced run leaves the merged command
+    newer = {**other, "command": "python benchmarks/run.py --seeds 2"}
+    (tmp_path / "newer").mkdir()
+    (tmp_path / "newer" / "results.json").write_text(json.dumps(newer))
+    remerged = bench.main(["--combine", f"{tmp_path / 'merged'},{tmp_path / 'newer'}", "--out", str(tmp_path / "re")])
+    assert remerged["models"]["copy"]["measured_by"] == "python benchmarks/run.py --seeds 2"
+    assert "--seeds 1" not in remerged["command"] and results["command"] in remerged["command"]
+
 
 def test_benchmark_rejects_unknown_phase(tmp_path, capsys):
     import pytest
