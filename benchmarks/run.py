@@ -206,6 +206,19 @@ def checkpoint_sha256(model_dir: str) -> str | None:
     return digest.hexdigest()
 
 
+def machine(threads: int) -> str:
+    """The CPU, cores, threads and torch build a run measured on (timings differ about 2.4x between CPUs)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPU cores, {threads} thread(s), torch {torch.__version__}"
+
+
 def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -216,7 +229,7 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     result: dict[str, Any] = {"full": evaluate_model(full, model_dir, args) if "quality" in args.phases else {},
                               "full_sizes": size_report(full), "quality": {}, "cost": {}, "decode": {},
-                              "checkpoint_sha256": checkpoint_sha256(model_dir)}
+                              "checkpoint_sha256": checkpoint_sha256(model_dir), "machine": machine(args.threads)}
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
@@ -390,21 +403,21 @@ def targets_section(results: dict[str, Any]) -> list[str]:
 
 
 def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, command: str) -> None:
+    combined = any("measured_by" in res for res in results["models"].values())  # set only by --combine
     lines = ["# Benchmark results", "", f"Command: `{command}`", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-             f"{args.threads} thread(s); evaluation: {args.limit} documents per task, {args.blimp_limit} pairs per BLiMP "
+             ("" if combined else f"Machine: {machine(args.threads)}; ") + f"Evaluation: {args.limit} documents per task, {args.blimp_limit} pairs per BLiMP "
              f"paradigm, {args.wikitext_limit} WikiText-2 test articles; search: {args.epochs} epochs, "
              f"{args.num_samples} x {args.seq_len} tokens, batch {args.batch_size}.", ""]
-    if any("measured_by" in res for res in results["models"].values()):  # set only by --combine
-        lines += ["Merged from separate runs (`--combine`); each model's section names the command that measured it. "
-                  "The settings above are the first run's.", ""]
+    if combined:
+        lines += ["Merged from separate runs (`--combine`); each model's section names the command and machine that "
+                  "measured it. The settings above are the first run's.", ""]
     elif getattr(args, "jobs", 1) > 1:
         lines += [f"The models' quality runs went in {args.jobs} parallel processes; search cost and decode speed were "
                   "measured afterwards, one model at a time, on an otherwise idle machine.", ""]
     for model_name, res in results["models"].items():
         lines += [f"## {model_name}", ""]
         if res.get("measured_by"):
-            lines += [f"Measured by: `{res['measured_by']}`.", ""]
+            lines += [f"Measured by: `{res['measured_by']}`" + (f" on {res['machine']}." if res.get("machine") else "."), ""]
         if res.get("checkpoint_sha256"):
             lines += [f"Checkpoint: `model.safetensors` sha256 `{res['checkpoint_sha256'][:16]}…` "
                       f"(compare with `sha256sum models/{model_name}/model.safetensors`).", ""]

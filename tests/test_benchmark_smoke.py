@@ -42,8 +42,8 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     merged = bench.main(["--combine", f"{out},{tmp_path / 'other'}", "--out", str(tmp_path / "merged")])
     assert set(merged["models"]) == {next(iter(results["models"])), "copy"}
     merged_report = (tmp_path / "merged" / "RESULTS.md").read_text()
-    assert "Measured by: `python benchmarks/run.py --seeds 1`." in merged_report
-    assert f"Measured by: `{results['command']}`." in merged_report
+    assert f"Measured by: `python benchmarks/run.py --seeds 1` on {res['machine']}." in merged_report
+    assert f"Measured by: `{results['command']}` on " in merged_report and "CPU cores" in res["machine"]
     assert list(out.glob("quality_vs_sparsity_*.png"))
 
     # a later folder's section replaces an earlier one's, and the replaced run leaves the merged command
