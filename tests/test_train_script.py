@@ -74,3 +74,9 @@ def test_sampler_windows_begin_with_the_separator(script):
         batch = sampler.next()
         assert batch.shape == (2, 4)
         assert (batch[:, 0] == eot).any()
+
+
+def test_negative_piece_chars_is_refused_with_the_flag_named(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--out", "/tmp/unused", "--piece-chars", "-5"])
+    assert "--piece-chars must be 0 (off) or a positive" in capsys.readouterr().err
