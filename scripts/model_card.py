@@ -98,7 +98,7 @@ expert pruning (random weights cannot tell a good pruning from a bad one). Loads
   addresses, tiny-shakespeare, WikiText-2 *validation*); WikiText-2 test and every benchmark file held out.
 - Training: {log.get('steps', '?')} steps, {log.get('tokens_seen', 0):,} tokens seen, seed {log.get('seed', '?')},
   router load-balancing loss {balance}, batch {log.get('batch_size', '?')} x {log.get('seq_len', '?')}, peak lr {log.get('lr', '?')}; final training loss (mean of the last 50 steps) {log.get('final_train_loss_last50', float('nan')):.3f};
-  training wall time {log.get('train_wall_seconds', 0) / 60:.1f} min on this 2-core CPU machine
+  training wall time {log.get('train_wall_seconds', 0) / 60:.1f} min on a 2-core CPU machine{' (' + log['cpu'] + ')' if log.get('cpu') else ''}
   ({threads} thread{'s' if threads != 1 else ''}); held-out validation loss {log.get('val_loss', float('nan')):.3f}.
 - Reproduce: `{command}`
 
