@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -208,15 +207,9 @@ def checkpoint_sha256(model_dir: str) -> str | None:
 
 def machine(threads: int) -> str:
     """The CPU, cores, threads and torch build a run measured on (timings differ about 2.4x between CPUs)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, {threads} thread(s), torch {torch.__version__}"
+    from diep_lightning.machine import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {threads} thread(s), torch {torch.__version__}"
 
 
 def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -61,6 +61,14 @@ def usage_and_ablation(model, batches) -> tuple[list[list[float]], list[list[flo
     return usage, rise, base
 
 
+def point_at(command: str, flag: str, model_dir: Path) -> str:
+    """``command`` with the folder after ``flag`` replaced by ``model_dir`` (when it names another folder)."""
+    found = re.search(rf"{flag} (\S+)", command)
+    if found and Path(found.group(1)).resolve() != model_dir.resolve():
+        return command.replace(found.group(0), f"{flag} {model_dir.as_posix()}")
+    return command
+
+
 def card(model_dir: Path, metrics: dict, log: dict) -> str:
     usage_rows = "\n".join(f"| {i} | " + " ".join(f"{100 * u:.1f}" for u in row) + " |"
                            for i, row in enumerate(metrics["expert_usage"]))
@@ -68,16 +76,9 @@ def card(model_dir: Path, metrics: dict, log: dict) -> str:
                           for i, row in enumerate(metrics["single_expert_removal_loss_rise"]))
     config = json.loads((model_dir / "config.json").read_text())
     threads = log.get("threads", "?")
-    command = log.get("command", "python scripts/train_tiny_moe.py")
-    out = re.search(r"--out (\S+)", command)
-    if out and Path(out.group(1)).resolve() != model_dir.resolve():
-        # trained into a scratch folder and copied here: the reproduce line writes straight to this folder
-        command = command.replace(out.group(0), f"--out {model_dir.as_posix()}")
-    measured_by = metrics["command"]
-    measured_on = re.search(r"--model (\S+)", measured_by)
-    if measured_on and Path(measured_on.group(1)).resolve() != model_dir.resolve():
-        # measured in the scratch folder before the identical files were copied here
-        measured_by = measured_by.replace(measured_on.group(0), f"--model {model_dir.as_posix()}")
+    # trained and measured in a scratch folder, then copied here: the commands name this folder
+    command = point_at(log.get("command", "python scripts/train_tiny_moe.py"), "--out", model_dir)
+    measured_by = point_at(metrics["command"], "--model", model_dir)
     balance = {"per-layer": "per MoE layer", "global": "pooled over layers (transformers' built-in)"}.get(
         log.get("balance_loss", "global"), "on")
     return f"""---

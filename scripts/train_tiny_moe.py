@@ -848,19 +848,6 @@ def run_training(args: argparse.Namespace, model: torch.nn.Module, opt: torch.op
     return False
 
 
-def cpu_name() -> str:
-    """The CPU model (training speed differs about 2.4x between the machines this project has run on)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run data preparation, training, held-out evaluation and saving.
 
@@ -870,6 +857,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     Returns:
         The training log dictionary (also written to ``<out>/training_log.json``).
     """
+    sys.path.insert(0, str(REPO_ROOT))  # the package, also when it is not installed
+    from diep_lightning.machine import cpu_name
+
     t0 = time.time()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -959,7 +949,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "val_split": "last 1% of the shuffled token stream",
         },
         "torch_version": torch.__version__,
-        "cpu": cpu_name(),
+        "cpu": cpu_name(),  # speed differs about 2.4x between the CPUs this project has run on
         "command": shlex.join(["python3", *sys.argv]),
     }
     (args.out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
