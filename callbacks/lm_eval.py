@@ -54,15 +54,15 @@ class LmEvalValidation(Callback):
                         batch_size=self.batch_size)
 
     @staticmethod
-    def _headline(results: dict[str, Any]) -> dict[str, float]:
+    def headline(results: dict[str, Any]) -> dict[str, float]:
         """The flat ``task/metric`` numbers."""
         return {k: v for k, v in results.items() if "/" in k and isinstance(v, (int, float))}
 
     def _log(self, trainer: pl.Trainer, stage: str, results: dict[str, Any]) -> None:
-        metrics = {f"lm_eval/{stage}/{k}": float(v) for k, v in self._headline(results).items()}
+        metrics = {f"lm_eval/{stage}/{k}": float(v) for k, v in self.headline(results).items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in self._headline(results).items())
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.headline(results).items())
         print(f"[diep_lightning] lm-eval {stage}: {shown}")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,8 +96,8 @@ class LmEvalValidation(Callback):
         self.results["pruned"] = results
         self._log(trainer, "pruned", results)
         summary = {"tasks": self.tasks, "limit": self.limit,
-                   "baseline": self._headline(self.results.get("baseline", {})),
-                   "pruned": self._headline(results)}
+                   "baseline": self.headline(self.results.get("baseline", {})),
+                   "pruned": self.headline(results)}
         summary["ratio"] = {k: v / summary["baseline"][k] for k, v in summary["pruned"].items()
                             if summary["baseline"].get(k)}
         target = Path(self.output) if self.output else Path(export_dir) / "lm_eval.json"
@@ -110,9 +110,7 @@ class LmEvalValidation(Callback):
             return pl_module.model
         if not trainer.is_global_zero:
             return None
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(pl_module.model_path).eval()
+        return pl_module.load_source_model()
 
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results}

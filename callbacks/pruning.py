@@ -12,7 +12,7 @@ of these methods (no registration needed; they are called in ``trainer.callbacks
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from diep_lightning.export import apply_plan, export_pruned, size_report
-from diep_lightning.pruning import PruningPlan, check_sparsity, select_experts
+from diep_lightning.export_dir import check_export_dir, protected_paths
+from diep_lightning.pruning import PruningPlan, check_budget, check_sparsity, select_experts
 
 
 class GlobalExpertPruning(Callback):
@@ -30,8 +31,10 @@ class GlobalExpertPruning(Callback):
         sparsity: fraction of all routed experts to remove, in (0, 1).
         mode: "global" (rank experts of all layers together; layers lose different numbers) or "uniform"
             (the same number from every layer; the export then loads with stock ``from_pretrained``).
-        export_dir: where the export goes; default ``<log dir>/pruned``. Checked before the search starts.
-        overwrite: replace an existing ``export_dir`` (otherwise an existing one is an error).
+        export_dir: where the export goes; default ``<log dir>/pruned``. Checked before the model loads: it may
+            not be, contain or lie inside the source model or the shipped ``models/``.
+        overwrite: replace an existing ``export_dir`` that is itself a previous export (has ``pruning.json``);
+            anything else that exists is an error.
         export: write the export (False: prune in memory only, e.g. for a benchmark that evaluates directly).
         method: name recorded in the model card and ``pruning.json``.
     """
@@ -51,14 +54,27 @@ class GlobalExpertPruning(Callback):
         self.plan: PruningPlan | None = None
         self.export_path: Path | None = None
         self.pruned_model: Any = None
-        if export_dir is not None:
-            check_export_dir(Path(export_dir), self.overwrite)
+        self.sizes: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ checks before the search
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Everything that can be checked before the model loads: the module, the epochs, the sparsity
+        against the config's expert count and top-k, and the export directory against the source model."""
         if not hasattr(pl_module, "expert_scores") or not hasattr(pl_module, "family"):
             raise TypeError("GlobalExpertPruning: the LightningModule must provide expert_scores() and family "
                             "(use DiEPModule or a baseline module)")
+        if stage != "fit":
+            return
+        if trainer.max_epochs == 0 or trainer.max_steps == 0:
+            raise ValueError("trainer.max_epochs: a search of 0 epochs (or max_steps=0) would prune by untrained "
+                             "scores; use max_epochs >= 1")
+        config = getattr(pl_module, "hf_config", None)
+        if config is not None:
+            n, k = pl_module.family.config_experts(config)
+            if n is not None and k is not None:
+                check_budget(self.sparsity, [n], [k], self.mode, all_layers=False)
+        if self.export:
+            check_export_dir(self._target(trainer), self.overwrite, protected_paths(getattr(pl_module, "model_path", None)))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         blocks = pl_module.blocks
@@ -69,8 +85,6 @@ class GlobalExpertPruning(Callback):
                        self.mode)
         if hasattr(pl_module, "check_pruning"):
             pl_module.check_pruning(self.sparsity, self.mode)
-        if self.export:
-            check_export_dir(self._target(trainer), self.overwrite)
 
     def _target(self, trainer: pl.Trainer) -> Path:
         if self.export_dir is not None:
@@ -85,6 +99,7 @@ class GlobalExpertPruning(Callback):
         if getattr(pl_module, "device_mesh", None) is None and not trainer.is_global_zero:
             return  # DDP: every rank holds the same scores; rank 0 prunes and exports
         scores = pl_module.expert_scores(sparsity=self.sparsity, mode=self.mode)
+        check_finite_scores(scores)
         model = pl_module.release_model()
         if model is None:  # non-zero ranks of a sharded run: rank 0 prunes and exports
             return
@@ -98,6 +113,7 @@ class GlobalExpertPruning(Callback):
         self.plan, self.pruned_model = plan, model
         pl_module.pruned_model = model
         after = size_report(model, family)
+        self.sizes = {"before": original, "after": after}
         self._log_summary(trainer, plan, original, after)
         if self.export:
             method = self.method if getattr(pl_module, "scorer", None) is None else pl_module.hparams.method
@@ -143,15 +159,11 @@ class GlobalExpertPruning(Callback):
         self.export_path = Path(state_dict["export_path"]) if state_dict.get("export_path") else None
 
 
-def check_export_dir(target: Path, overwrite: bool) -> None:
-    """Fail now, not after the search, if the export could not be written."""
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"export_dir: {target} already exists; choose another export_dir or set overwrite=True")
-    ancestor = target.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise NotADirectoryError(f"export_dir: {ancestor} is a file, so {target} cannot be created; choose a "
-                                 "writable export_dir")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PermissionError(f"export_dir: {ancestor} is not writable; choose a writable export_dir")
+def check_finite_scores(scores: list[Any]) -> None:
+    """Stop before anything is pruned or written when a score is NaN/inf, naming the layer and expert."""
+    for layer, row in enumerate(scores):
+        for expert, value in enumerate(row.tolist()):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"scores: MoE layer {layer} expert {expert} has a non-finite score ({value}); "
+                                         "its weights or the calibration data produce NaN/inf; nothing was pruned "
+                                         "or exported")

@@ -37,6 +37,15 @@ class SkipCalibration(Callback):
         self.skipped_fraction: dict[int, float] = {}
         self.hooks: Any = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse a top-1 model from its config, before the model loads."""
+        config, family = getattr(pl_module, "hf_config", None), getattr(pl_module, "family", None)
+        if config is not None and family is not None:
+            _, k = family.config_experts(config)
+            if k is not None and k < 2:
+                raise ValueError(f"SkipCalibration: skipping needs top-k >= 2 routing, the model routes top-{k}; "
+                                 "drop the SkipCalibration callback for this model")
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         low = [b.index for b in pl_module.blocks if b.top_k < 2]
         if low:

@@ -165,34 +165,33 @@ def _allocate(n: int, weights: Sequence[float]) -> list[int]:
 def _read_jsonl(path: Path, text_field: str, tag: str) -> list[str]:
     docs: list[str] = []
     n_rows = 0
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{tag}: {path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-            n_rows += 1
-            if not isinstance(row, dict) or text_field not in row:
-                fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-                hint = ""
-                if isinstance(row, dict):
-                    str_fields = [k for k, v in row.items() if isinstance(v, str)]
-                    if str_fields:
-                        hint = f"; set text_field={str_fields[0]!r}"
-                raise ValueError(
-                    f"text_field={text_field!r} not found in {path} line {lineno} (fields: {fields}){hint or '; set text_field to the field holding the text'}"
-                )
-            text = row[text_field]
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"text_field={text_field!r} in {path} line {lineno} holds a {type(text).__name__}, not a string; choose a text field"
-                )
-            if text.strip():
-                docs.append(text)
+    for lineno, line in enumerate(_read_text(path, tag).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{tag}: {path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+        n_rows += 1
+        if not isinstance(row, dict) or text_field not in row:
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            hint = ""
+            if isinstance(row, dict):
+                str_fields = [k for k, v in row.items() if isinstance(v, str)]
+                if str_fields:
+                    hint = f"; set text_field={str_fields[0]!r}"
+            raise ValueError(
+                f"text_field={text_field!r} not found in {path} line {lineno} (fields: {fields}){hint or '; set text_field to the field holding the text'}"
+            )
+        text = row[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise ValueError(
+                f"text_field={text_field!r} in {path} line {lineno} holds a {type(text).__name__}, not a string; choose a text field"
+            )
+        if text.strip():
+            docs.append(text)
     if n_rows == 0:
         raise ValueError(f"{tag}: file {path} is empty (no JSON lines); remove it from sources or add text")
     if not docs:
@@ -200,8 +199,20 @@ def _read_jsonl(path: Path, text_field: str, tag: str) -> list[str]:
     return docs
 
 
+def _read_text(path: Path, tag: str) -> str:
+    """The file as UTF-8 text; one line naming the source when it is binary or in another encoding."""
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise ValueError(f"{tag}: a binary file, not text; give .jsonl or .txt files of UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{tag}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _read_txt(path: Path, tag: str) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _read_text(path, tag)
     if not text.strip():
         raise ValueError(f"{tag}: file {path} is empty (no text); remove it from sources or add text")
     return [text]
@@ -445,8 +456,9 @@ def _load_tokenizer(name: str) -> Any:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(
-            f"tokenizer={name!r}: could not load it ({type(e).__name__}: {first[:200]}); pass a local tokenizer directory or call set_tokenizer()"
-        ) from e
+            f"tokenizer: could not load a tokenizer from {name!r} ({type(e).__name__}: {first[:160]}); save the "
+            "tokenizer files (tokenizer.json, tokenizer_config.json) with the model or set data.tokenizer"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from diep_lightning.export_dir import PRUNING_FILE, atomic_directory, protected_paths
 from diep_lightning.families import MoEFamily, get_family
 from diep_lightning.pruned_model import modeling_file_source, shrink_to_layout
 from diep_lightning.pruning import PruningPlan
 
-PRUNING_FILE = "pruning.json"
 FORMAT_VERSION = 1
 
 
@@ -73,61 +69,49 @@ def _is_uniform(spec: list[dict[str, int] | None]) -> bool:
     return all(s == moe[0] for s in moe)
 
 
-@contextmanager
-def atomic_directory(final: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``final`` only when the body completes."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"export_dir: {final} already exists; choose another export_dir or set overwrite=True")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(final.parent, os.W_OK):
-        raise PermissionError(f"export_dir: cannot write in {final.parent}; choose a writable export_dir")
-    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _plot(plan: PruningPlan, spec_counts: list[int], directory: Path) -> dict[str, Any]:
-    """Experts kept per layer and a heatmap of the scores; returns the matplotlib figures."""
+def _plot(plan: PruningPlan, spec_counts: list[int], directory: Path, method: str = "DiEP") -> dict[str, Any]:
+    """Experts kept per layer (against the count before) and a heatmap of the scores; returns the figures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figures = {}
-    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(spec_counts) + 2), 3))
-    ax.bar(range(len(spec_counts)), spec_counts, color="tab:blue")
+    layers = range(len(spec_counts))
+    before = [len(s) for s in plan.scores]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(spec_counts) + 3), 4))
+    ax.bar(layers, before, color="lightgray", label="before")
+    ax.bar(layers, spec_counts, color="tab:blue", label="kept")
+    for x, n in zip(layers, spec_counts):
+        ax.text(x, n, str(n), ha="center", va="bottom", fontsize=8)
     ax.set_xlabel("MoE layer")
-    ax.set_ylabel("experts kept")
-    ax.set_title(f"{plan.mode} pruning, sparsity {plan.sparsity:.2f}")
+    ax.set_ylabel("routed experts")
+    ax.set_title(f"Experts kept per layer ({plan.mode}, {plan.num_removed} of {sum(before)} removed)")
+    ax.legend(loc="lower right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(directory / "experts_per_layer.png", dpi=100)
+    fig.savefig(directory / "experts_per_layer.png", dpi=150)
     figures["experts_per_layer"] = fig
     width = max(len(s) for s in plan.scores)
     grid = torch.full((len(plan.scores), width), float("nan"))
     for i, row in enumerate(plan.scores):
         grid[i, : len(row)] = torch.tensor(row)
-    fig, ax = plt.subplots(figsize=(max(4, 0.25 * width + 2), max(3, 0.3 * len(plan.scores) + 1)))
-    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.22 * width + 3), max(4, 0.3 * len(plan.scores) + 1.5)))
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     for layer, removed in enumerate(plan.removed):
-        ax.scatter(removed, [layer] * len(removed), marker="x", color="red", s=12)
-    ax.set_xlabel("expert")
+        ax.scatter(removed, [layer] * len(removed), marker="x", color="red", s=18, label="removed" if layer == 0 else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("expert (original id)")
     ax.set_ylabel("MoE layer")
-    ax.set_title("expert scores (x = removed)")
-    fig.colorbar(image, ax=ax)
+    ax.set_title("Expert scores (higher = kept); x = removed")
+    if any(plan.removed):
+        ax.legend(loc="upper right", fontsize=8)
+    label = "DiEP score (alpha x beta)" if method.lower() == "diep" else f"{method} score"
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
-    fig.savefig(directory / "expert_scores.png", dpi=100)
+    fig.savefig(directory / "expert_scores.png", dpi=150)
     figures["expert_scores"] = fig
     for f in figures.values():
         plt.close(f)
@@ -191,7 +175,7 @@ def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.Path
     uniform = _is_uniform(spec)
     counts = [s["num_experts"] for s in spec if s]
     after = size_report(model, family)
-    with atomic_directory(Path(export_dir), overwrite) as tmp:
+    with atomic_directory(export_dir, overwrite, protected_paths(source)) as tmp:
         config = model.config
         saved_attrs = {k: getattr(config, k, None) for k in ("auto_map", "diep_layers", "architectures")}
         base_cls = type(model)
@@ -240,8 +224,8 @@ def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.Path
         (tmp / "README.md").write_text(_model_card(source, plan, counts, original, after, uniform, method))
         for name, content in (extra_files or {}).items():
             (tmp / name).write_text(content)
-        figures = _plot(plan, counts, tmp)
-    return Path(export_dir), figures
+        figures = _plot(plan, counts, tmp, method)
+    return Path(export_dir).expanduser().resolve(), figures
 
 
 def size_report(model: nn.Module, family: MoEFamily | None = None) -> dict[str, int]:
@@ -252,19 +236,71 @@ def size_report(model: nn.Module, family: MoEFamily | None = None) -> dict[str, 
 
 
 def read_pruning_record(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``pruning.json`` of an export, checked against its ``config.json``."""
+    """The ``pruning.json`` of an export, validated and checked against its ``config.json``.
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming the file and what is wrong with it.
+    """
     path = Path(path)
     record_path = path / PRUNING_FILE
     if not record_path.is_file():
         raise FileNotFoundError(f"path: {path} has no {PRUNING_FILE}; it is not a diep_lightning export")
-    record = json.loads(record_path.read_text())
-    config = json.loads((path / "config.json").read_text())
+    record = _read_json(record_path)
+    config = _read_json(path / "config.json")
+    validate_record(record, record_path)
     kept = [len(layer["kept"]) for layer in record["layers"]]
     spec = [s["num_experts"] for s in (config.get("diep_layers") or []) if s]
     if spec and spec != kept:
         raise ValueError(f"path: {PRUNING_FILE} lists {kept} experts per layer but config.json has {spec}; the "
                          "export was modified or mixed with another one; re-export it")
     return record
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path: {file} is missing; the export is incomplete; re-export it") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f"line {err.lineno} column {err.colno}: {err.msg}" if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+        raise ValueError(f"path: {file} is not valid JSON ({where}); restore it or re-export") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"path: {file} holds a JSON {type(data).__name__}, not an object; restore it or re-export")
+    return data
+
+
+def validate_record(record: dict[str, Any], file: Path | str = PRUNING_FILE) -> None:
+    """Check that every layer's kept/removed expert ids are distinct, in range and account for every expert, and
+    that skipping thresholds fit the kept experts; one line naming the file and the layer otherwise."""
+    layers = record.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"path: {file} has no 'layers' list; re-export")
+    for i, layer in enumerate(layers):
+        n = layer.get("experts_before") if isinstance(layer, dict) else None
+        kept, removed = (layer.get("kept"), layer.get("removed")) if isinstance(layer, dict) else (None, None)
+        if not (isinstance(n, int) and n > 0 and isinstance(kept, list) and isinstance(removed, list)):
+            raise ValueError(f"path: {file} layer {i} needs 'experts_before', 'kept' and 'removed'; re-export")
+        ids = [*kept, *removed]
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in ids):
+            raise ValueError(f"path: {file} layer {i} has expert ids that are not integers; re-export")
+        bad = sorted({e for e in ids if not 0 <= e < n})
+        if bad:
+            raise ValueError(f"path: {file} layer {i} lists expert ids {bad} outside 0..{n - 1}; re-export")
+        if len(set(ids)) != len(ids) or len(ids) != n or not kept:
+            raise ValueError(f"path: {file} layer {i}: kept {kept} and removed {removed} must each list distinct "
+                             f"ids that together cover the layer's {n} experts once, with at least one kept; re-export")
+    extra = (record.get("plan") or {}).get("extra") or {}
+    for key, gamma in (extra.get("skip_gammas") or {}).items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < len(layers):
+            raise ValueError(f"path: {file} has skip_gammas for MoE layer {key!r}, the export has {len(layers)}")
+        n = len(layers[index]["kept"])
+        if not (isinstance(gamma, list) and len(gamma) == n and all(isinstance(r, list) and len(r) == n for r in gamma)):
+            raise ValueError(f"path: {file} skip_gammas of MoE layer {index} must be a {n}x{n} matrix (one row and "
+                             "column per kept expert); re-export")
 
 
 def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, skipping: bool = True,
@@ -282,7 +318,8 @@ def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | str | None = No
     path = Path(path)
     record = read_pruning_record(path)
     config = AutoConfig.from_pretrained(path)
-    config.auto_map = None  # load in-process, never through the export's remote code
+    if hasattr(config, "auto_map"):  # load in-process, never through the export's remote code
+        del config.auto_map
     spec = getattr(config, "diep_layers", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -10,25 +10,92 @@ parser's exception chain.
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from diep_lightning.data import CalibrationDataModule
-from diep_lightning.module import DiEPModule
+from diep_lightning.loading import fingerprint
+from diep_lightning.module import DiEPModule, check_same_model
 
 #: Exceptions that mean "the user asked for something that cannot work" (one line, exit 2).
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
                IsADirectoryError, FloatingPointError, KeyError)
 
 
+#: OS errors that are the machine's fault (exit 1): disk full, quota, read-only file system, I/O error.
+ENVIRONMENT_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
 class DiEPCLI(LightningCLI):
-    """LightningCLI with the tokenizer of the calibration data tied to the model being pruned."""
+    """LightningCLI with the tokenizer of the calibration data tied to the model being pruned, and a resume
+    (``--ckpt_path``) that refuses a checkpoint made for another model."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        from diep_lightning.callbacks import GlobalExpertPruning
+
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        # The pruning callback has its own top-level key, so `--prune.sparsity=0.25 --prune.mode=uniform` reach it
+        # whatever else is in trainer.callbacks (`--trainer.callbacks.X` only reaches the last callback listed).
+        # `--prune=null` drops it; a subclass of GlobalExpertPruning may be given by class path.
+        parser.add_lightning_class_args(GlobalExpertPruning, "prune", subclass_mode=True, required=False)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """Put ``prune`` first among the callbacks (it orchestrates the others after the search); drop it when null."""
+        from diep_lightning.callbacks import GlobalExpertPruning
+
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        prune = [c for c in callbacks if c is not None]
+        if prune and any(isinstance(c, GlobalExpertPruning) for c in listed):
+            raise ValueError("prune: pruning is set under prune: and again in trainer.callbacks; keep one (set its "
+                             "options with --prune.X, or drop prune: with --prune=null)")
+        return super()._instantiate_trainer({**config, "callbacks": prune + listed}, [])
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI restores the checkpoint's hyperparameters over the command line's, so a checkpoint of
+        another model would silently switch the model being pruned: read and check the checkpoint first."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return super()._parse_ckpt_path()
+        recorded = read_checkpoint_identity(ckpt_path)
+        given = self.config[subcommand].get("model.model_name_or_path")
+        super()._parse_ckpt_path()
+        saved = recorded.get("model_name_or_path")
+        if given and saved and Path(str(given)).expanduser().resolve() != Path(str(saved)).expanduser().resolve():
+            raise ValueError(f"ckpt_path: {ckpt_path} was made for model {saved!r}, but this run names {given!r}; "
+                             f"resume with --model.model_name_or_path={saved}, or start without ckpt_path")
+        if given:
+            check_same_model(recorded, str(given), fingerprint(str(given)))
+
+
+def read_checkpoint_identity(ckpt_path: str) -> dict[str, Any]:
+    """The model a search checkpoint was made for; one line naming ``ckpt_path`` when it is not a readable
+    checkpoint of this project."""
+    import torch
+
+    path = Path(ckpt_path)
+    if path.is_dir():
+        found = sorted(path.rglob("*.ckpt"))
+        hint = f" (e.g. {found[-1]})" if found else ""
+        raise IsADirectoryError(f"ckpt_path: {path} is a directory; give the .ckpt file{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: {path} does not exist")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(f"ckpt_path: {path} is not a readable checkpoint ({type(err).__name__}: {first}); give a "
+                         ".ckpt written by a diep_lightning search") from None
+    if not isinstance(ckpt, dict) or "diep" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"ckpt_path: {path} is not a diep_lightning search checkpoint (no alpha/beta state); give a "
+                         ".ckpt written by a diep_lightning search")
+    return ckpt["diep"]
 
 
 def _innermost_message(err: BaseException) -> str:
@@ -70,10 +137,52 @@ def cli(args: list[str] | None = None) -> DiEPCLI:
     )
 
 
+def check_config_files(args: list[str]) -> None:
+    """Parse every ``--config`` YAML first, so a syntax error names the file and line (jsonargparse's own
+    message names neither)."""
+    import yaml
+
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    paths += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    for path in paths:
+        file = Path(path)
+        if not file.is_file():
+            continue  # jsonargparse also accepts inline YAML strings; it reports a missing file itself
+        try:
+            yaml.safe_load(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"config: {path} is not UTF-8 text") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config: {path}{where} is not valid YAML ({problem})") from None
+
+
 def main(args: list[str] | None = None) -> DiEPCLI:
-    """Run the CLI (``args=None`` reads ``sys.argv``); bad input exits 2 with a one-line ``error:``."""
+    """Run the CLI (``args=None`` reads ``sys.argv``); bad input exits 2 with a one-line ``error:``; a finished
+    ``fit`` ends with a short summary."""
+    import time
+
+    from diep_lightning.summary import quiet, run_summary
+
+    quiet()
+    start = time.perf_counter()
     try:
-        return cli(args)
+        check_config_files(sys.argv[1:] if args is None else args)
+        result = cli(args)
+        if getattr(result, "subcommand", None) == "fit" and result.trainer.is_global_zero:
+            print(run_summary(result.trainer, time.perf_counter() - start), flush=True)
+        return result
+    except OSError as err:
+        if err.errno in ENVIRONMENT_FAULTS:  # the machine's fault, not the input's: exit 1
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"error: {where}{err.strerror or err}; free space or fix the permissions and rerun", file=sys.stderr)
+            raise SystemExit(1) from None
+        if not isinstance(err, USER_ERRORS):
+            raise
+        print(f"error: {_innermost_message(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except USER_ERRORS as err:
         print(f"error: {_innermost_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -9,7 +9,6 @@ alternating blocks of alpha steps and beta steps (paper: 3:1), each with its own
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -22,9 +21,7 @@ from torch import nn
 
 from diep_lightning.baselines import make_scorer
 from diep_lightning.families import MoEBlock, get_family
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from diep_lightning.loading import DTYPES, fingerprint, load_config, load_model, load_tokenizer, resolve_model_path
 
 def parse_ratio(ratio: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     """Parse an alpha:beta step ratio such as ``"3:1"``.
@@ -57,32 +54,6 @@ def _default_beta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optim
     per step (its update is about lr x sign(gradient)), erasing the between-layer differences that decide how many
     experts each layer keeps; SGD keeps their size (benchmarks/TUNING.md)."""
     return torch.optim.SGD(params, lr=1.0)
-
-
-def resolve_model_path(model_name_or_path: str) -> str:
-    """Return a local directory or a hub id; fail in one line when a local-looking path does not exist."""
-    path = Path(os.path.expanduser(model_name_or_path))
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model_name_or_path: {model_name_or_path!r} has no config.json; point it at a "
-                             "Hugging Face model directory")
-        return str(path)
-    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") != 1
-    if looks_local:
-        raise FileNotFoundError(f"model_name_or_path: {model_name_or_path!r} does not exist; give a model "
-                                "directory or a hub id 'org/name'")
-    return model_name_or_path
-
-
-def load_config(model_name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """Load only the config (cheap), so that bad input fails before weights are read."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"model_name_or_path: cannot load a config from {model_name_or_path!r} ({first})") from None
 
 
 class DiEPModule(LightningModule):
@@ -159,6 +130,10 @@ class DiEPModule(LightningModule):
         self.model_path = resolve_model_path(model_name_or_path)
         self.hf_config = load_config(self.model_path, trust_remote_code)
         self.family = get_family(self.hf_config)  # unknown / dense model types fail here, before any weight
+        self.family.check_config(self.hf_config)
+        self.model_fingerprint = fingerprint(self.model_path)
+        for name, factory in (("alpha_optimizer", alpha_optimizer), ("beta_optimizer", beta_optimizer)):
+            _probe_optimizer(name, factory)
         self.save_hyperparameters(ignore=["alpha_optimizer", "beta_optimizer", "alpha_scheduler", "beta_scheduler"])
         self.alpha_optimizer, self.beta_optimizer = alpha_optimizer, beta_optimizer
         self.alpha_scheduler, self.beta_scheduler = alpha_scheduler, beta_scheduler
@@ -178,12 +153,7 @@ class DiEPModule(LightningModule):
         decoder layers with FSDP2 under ``ModelParallelStrategy``."""
         if self.model is not None:
             return
-        from transformers import AutoModelForCausalLM
-
-        kwargs: dict[str, Any] = dict(dtype=DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code)
-        if self.hparams.experts_implementation:
-            kwargs["experts_implementation"] = self.hparams.experts_implementation
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+        model = self.load_source_model(experts_implementation=self.hparams.experts_implementation)
         model.requires_grad_(False)
         model.eval()  # PhiMoE routes randomly and Mixtral adds jitter in train mode
         self.model = model
@@ -219,13 +189,7 @@ class DiEPModule(LightningModule):
         if self.model is None:
             raise RuntimeError("release_model: no model loaded; call it after fit")
         if getattr(self, "device_mesh", None) is not None:
-            if self.trainer.is_global_zero:
-                from transformers import AutoModelForCausalLM
-
-                return AutoModelForCausalLM.from_pretrained(
-                    self.model_path, dtype=DTYPES[self.hparams.dtype],
-                    trust_remote_code=self.hparams.trust_remote_code).eval()
-            return None
+            return self.load_source_model() if self.trainer.is_global_zero else None
         if self._scaling is not None:
             self._scaling.remove()
             self._scaling = None
@@ -236,14 +200,24 @@ class DiEPModule(LightningModule):
             self._statistics.remove()
         return self.model
 
+    def load_source_model(self, **kwargs: Any) -> nn.Module:
+        """A fresh copy of the source model with the run's dtype and ``trust_remote_code`` (checked: readable,
+        matching its config, finite), in eval mode."""
+        return load_model(self.model_path, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code,
+                          **kwargs)
+
     def load_tokenizer(self) -> Any:
         """The tokenizer stored with the source model (None if it has none)."""
-        from transformers import AutoTokenizer
+        return load_tokenizer(self.model_path, trust_remote_code=self.hparams.trust_remote_code)
 
-        try:
-            return AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.hparams.trust_remote_code)
-        except (OSError, ValueError):
-            return None
+    def setup(self, stage: str) -> None:
+        """Checks that need the datamodule, before the model loads."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(datamodule, "seq_len", None)
+        limit = getattr(self.hf_config, "max_position_embeddings", None)
+        if isinstance(seq_len, int) and isinstance(limit, int) and seq_len > limit:
+            raise ValueError(f"seq_len: {seq_len} tokens per sequence exceed the model's max_position_embeddings "
+                             f"({limit}); use data.seq_len <= {limit}")
 
     def _maybe_shard(self) -> None:
         mesh = getattr(self, "device_mesh", None)
@@ -458,12 +432,34 @@ class DiEPModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["diep"] = {"model_name_or_path": self.model_path, "model_type": self.hf_config.model_type,
-                              "experts_per_block": [b.num_experts for b in self.blocks]}
+                              "experts_per_block": [b.num_experts for b in self.blocks],
+                              "fingerprint": self.model_fingerprint}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("diep", {}).get("experts_per_block")
+        recorded = checkpoint.get("diep", {})
+        check_same_model(recorded, self.model_path, self.model_fingerprint)
+        saved = recorded.get("experts_per_block")
         if saved is not None and self.blocks and saved != [b.num_experts for b in self.blocks]:
             raise ValueError(
                 f"ckpt_path: checkpoint was made for experts per block {saved}, this model has "
                 f"{[b.num_experts for b in self.blocks]}; resume with the same model_name_or_path"
             )
+
+
+def _probe_optimizer(name: str, factory: Any) -> None:
+    """Build the optimizer on a dummy parameter now, so a bad learning rate fails before the model loads."""
+    try:
+        factory([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{name}: {str(err).strip().splitlines()[0]}") from None
+
+
+def check_same_model(recorded: dict[str, Any], model_path: str, model_fingerprint: str | None) -> None:
+    """Refuse to resume a search on another model than the one its checkpoint was made for."""
+    saved_path, saved_print = recorded.get("model_name_or_path"), recorded.get("fingerprint")
+    if saved_print and model_fingerprint and saved_print != model_fingerprint:
+        same = saved_path is not None and Path(saved_path).resolve() == Path(model_path).resolve()
+        what = "its files changed since" if same else f"it was made for {saved_path!r}"
+        raise ValueError(f"ckpt_path: the checkpoint does not match the model {model_path!r} ({what}; fingerprint "
+                         f"{saved_print} != {model_fingerprint}); resume with the model it was made for, or start "
+                         "without ckpt_path")

@@ -53,8 +53,13 @@ _MODELING_TEMPLATE = '''"""Loader for a DiEP-pruned {base_class} whose MoE layer
 
 Written by diep_lightning. `AutoModelForCausalLM.from_pretrained(<this dir>, trust_remote_code=True)` builds
 the stock {base_class}, shrinks each MoE layer to the expert count in `config.diep_layers`, then loads the
-weights. Needs only torch and transformers.
+weights. Needs only torch and transformers; adaptive skipping recorded in `pruning.json` is re-installed when
+diep_lightning is importable (a warning says so otherwise).
 """
+
+import json
+import os
+import warnings
 
 import torch
 from {base_module} import {base_class} as _Base
@@ -65,12 +70,37 @@ ROUTER_ATTR = {router_attr!r}
 
 {shrink_source}
 
+def install_recorded_skipping(model, path):
+    """Re-install the adaptive expert skipping recorded in `pruning.json` (needs diep_lightning); warn, never
+    drop it silently, when the package is missing."""
+    record_path = os.path.join(str(path), "pruning.json")
+    if not os.path.isfile(record_path):
+        return
+    with open(record_path, encoding="utf-8") as fh:
+        record = json.load(fh)
+    if not record.get("plan", {{}}).get("extra", {{}}).get("skip_gammas"):
+        return
+    try:
+        from diep_lightning.skipping import install_skipping_from_record
+    except ImportError:
+        warnings.warn("this export records adaptive expert skipping, which needs diep_lightning "
+                      "(pip install diep-lightning); the model runs without skipping", stacklevel=3)
+        return
+    install_skipping_from_record(model, record)
+
+
 class DiEPPruned{base_class}(_Base):
     """{base_class} with per-layer expert counts from `config.diep_layers`."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         shrink_to_layout(self, config.diep_layers, BLOCK_ATTR, ROUTER_ATTR)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        install_recorded_skipping(loaded[0] if isinstance(loaded, tuple) else loaded, pretrained_model_name_or_path)
+        return loaded
 '''
 
 

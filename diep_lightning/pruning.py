@@ -20,6 +20,38 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def check_budget(sparsity: float, sizes: Sequence[int], top_k: Sequence[int], mode: str,
+                 all_layers: bool = True) -> int:
+    """The number of experts ``sparsity`` removes from layers of ``sizes`` experts; refuse a sparsity that removes
+    none or would leave a layer under its top-k. With ``all_layers=False`` the sizes describe one representative
+    layer (from the config, before the model loads), so a global budget of 0 is not judged yet."""
+    sparsity = check_sparsity(sparsity)
+    if mode == "uniform":
+        counts = [round(sparsity * n) for n in sizes]
+        for layer, (count, n, k) in enumerate(zip(counts, sizes, top_k)):
+            if n - count < k:
+                raise ValueError(
+                    f"sparsity: uniform mode removes {count} of {n} experts in layer {layer}, leaving fewer than its "
+                    f"top-k={k}; use sparsity <= {(n - k) / n:.3f} or mode='global'"
+                )
+        budget = sum(counts)
+    elif mode == "global":
+        budget = round(sparsity * sum(sizes))
+        max_removable = sum(n - k for n, k in zip(sizes, top_k))
+        if budget > max_removable:
+            raise ValueError(
+                f"sparsity: {sparsity} removes {budget} of {sum(sizes)} experts but at most {max_removable} can go "
+                f"without leaving a layer under its top-k; use sparsity <= {max_removable / sum(sizes):.3f}"
+            )
+    else:
+        raise ValueError(f"mode: expected 'global' or 'uniform', got {mode!r}")
+    if budget == 0 and (all_layers or mode == "uniform"):
+        smallest = min(sizes) if mode == "uniform" else sum(sizes)
+        raise ValueError(f"sparsity: {sparsity} removes no expert ({mode} rounding of {sparsity} x {smallest} is 0); "
+                         f"use sparsity >= {0.5 / smallest:.3f}")
+    return budget
+
+
 @dataclass
 class PruningPlan:
     """Experts to remove per MoE block, with the scores that chose them.
@@ -78,14 +110,8 @@ def select_experts(scores: Sequence[torch.Tensor], sparsity: float, top_k: Seque
     sizes = [int(s.numel()) for s in scores]
     flat = [[float(v) for v in s.detach().float().cpu().tolist()] for s in scores]
     removed: list[list[int]] = [[] for _ in sizes]
+    budget = check_budget(sparsity, sizes, top_k, mode)
     if mode == "global":
-        budget = round(sparsity * sum(sizes))
-        max_removable = sum(n - k for n, k in zip(sizes, top_k))
-        if budget > max_removable:
-            raise ValueError(
-                f"sparsity: {sparsity} removes {budget} of {sum(sizes)} experts but at most {max_removable} can go "
-                f"without leaving a layer under its top-k; use sparsity <= {max_removable / sum(sizes):.3f}"
-            )
         order = sorted(((v, layer, e) for layer, row in enumerate(flat) for e, v in enumerate(row)))
         for _, layer, e in order:
             if budget == 0:
@@ -94,16 +120,9 @@ def select_experts(scores: Sequence[torch.Tensor], sparsity: float, top_k: Seque
                 removed[layer].append(e)
                 budget -= 1
     elif mode == "uniform":
-        for layer, (row, n, k) in enumerate(zip(flat, sizes, top_k)):
+        for layer, (row, n) in enumerate(zip(flat, sizes)):
             count = round(sparsity * n)
-            if n - count < k:
-                raise ValueError(
-                    f"sparsity: uniform mode removes {count} of {n} experts in layer {layer}, leaving fewer than its "
-                    f"top-k={k}; use sparsity <= {(n - k) / n:.3f} or mode='global'"
-                )
             removed[layer] = sorted(range(n), key=lambda e: (row[e], e))[:count]
-    else:
-        raise ValueError(f"mode: expected 'global' or 'uniform', got {mode!r}")
     removed = [sorted(r) for r in removed]
     kept = [[e for e in range(n) if e not in set(r)] for n, r in zip(sizes, removed)]
     return PruningPlan(removed=removed, kept=kept, scores=flat, sparsity=sparsity, mode=mode,

@@ -42,7 +42,19 @@ def test_every_shipped_yaml_parses(config, capsys):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["model_name_or_path"]
-    assert any("GlobalExpertPruning" in str(cb) for cb in printed["trainer"]["callbacks"])
+    assert "GlobalExpertPruning" in printed["prune"]["class_path"]
+    assert not any("GlobalExpertPruning" in str(cb) for cb in printed["trainer"].get("callbacks") or [])
+
+
+def test_prune_arguments_reach_the_pruning_callback_whatever_else_is_listed(capsys):
+    """`--prune.X` is the documented way to change the pruning callback from the command line."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / "tiny_mixtral.yaml"), "--trainer.callbacks+=ExpertMerging",
+              "--prune.mode=uniform", "--prune.sparsity=0.25", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["prune"]["init_args"]["mode"] == "uniform" and printed["prune"]["init_args"]["sparsity"] == 0.25
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]] == [
+        "LmEvalValidation", "ExpertMerging"]
 
 
 def test_tiny_yaml_runs_search_prune_and_export(tiny_mixtral_dir, tmp_path):
@@ -51,10 +63,8 @@ def test_tiny_yaml_runs_search_prune_and_export(tiny_mixtral_dir, tmp_path):
     config["data"].update(num_samples=16, seq_len=32, batch_size=4)
     config["trainer"].update(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    config["trainer"]["callbacks"] = [
-        {"class_path": "diep_lightning.callbacks.GlobalExpertPruning",
-         "init_args": {"sparsity": 0.25, "export_dir": str(tmp_path / "export")}},
-    ]
+    config["trainer"]["callbacks"] = []
+    config["prune"]["init_args"].update(sparsity=0.25, export_dir=str(tmp_path / "export"))
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path), "--trainer.callbacks+=ExpertMerging"])

@@ -117,3 +117,25 @@ def test_single_token_drops_skipped_slots_and_matches_batched_path():
     assert seen[-1] == (2, 2)
     handle.remove()
     torch.testing.assert_close(single[0], batched[0], rtol=1e-5, atol=1e-5)
+
+
+def test_remote_code_loading_reinstalls_the_recorded_skipping(tmp_path):
+    """A non-uniform export loaded with stock transformers + trust_remote_code skips like load_pruned does."""
+    from transformers import AutoModelForCausalLM
+
+    from diep_lightning.export import apply_plan, export_pruned, size_report
+    from diep_lightning.pruning import select_experts
+
+    model = tiny_model("mixtral")
+    blocks = get_family(model).blocks(model)
+    plan = select_experts([torch.arange(8.0) * (1 + 3 * b.index) for b in blocks], 0.375, [2, 2], "global")
+    assert len({len(k) for k in plan.kept}) > 1, "the plan must be non-uniform"
+    sizes = size_report(model)
+    apply_plan(model, plan)
+    plan.extra["skip_gammas"] = {str(b.index): torch.full((b.num_experts,) * 2, 0.5).tolist() for b in blocks}
+    export, _ = export_pruned(model, plan, tmp_path / "export", source="tiny", original=sizes)
+    tokens = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    remote = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    assert hasattr(remote, "diep_skipping")
+    torch.testing.assert_close(_logits(remote, tokens), _logits(load_pruned(export), tokens), atol=1e-6, rtol=0)
+    assert not torch.equal(_logits(remote, tokens), _logits(load_pruned(export, skipping=False), tokens))

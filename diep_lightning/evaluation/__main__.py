@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1")
     ap.add_argument("--num-fewshot", type=int, default=None)
     ap.add_argument("--bootstrap-iters", type=int, default=0, help="lm-eval bootstrap iterations for stderrs")
+    ap.add_argument("--progress", action="store_true", help="show lm-eval's progress bars")
     ap.add_argument("--output", type=Path, default=None, help="write the results JSON here")
     ap.add_argument("--list", action="store_true", help="list the kit tasks for the data dir and exit")
     ap.add_argument("--render", type=Path, default=None,
@@ -56,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             device=a.device,
             num_fewshot=a.num_fewshot,
             bootstrap_iters=a.bootstrap_iters,
+            progress=a.progress,
         )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, TypeError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     for key, value in res.items():
         if "/" in key:

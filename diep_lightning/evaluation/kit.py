@@ -11,6 +11,7 @@ members that remain).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import difflib
 import logging
 import math
@@ -339,8 +340,6 @@ def _set_rng_state(state: tuple) -> None:
 
 
 def _load_tokenizer(tokenizer: Any, model_path: str | None) -> Any:
-    from transformers import AutoTokenizer
-
     if tokenizer is None:
         if model_path is None or not Path(model_path).exists():
             raise ValueError(
@@ -348,7 +347,9 @@ def _load_tokenizer(tokenizer: Any, model_path: str | None) -> Any:
             )
         tokenizer = model_path
     if isinstance(tokenizer, (str, os.PathLike)):
-        return AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        from diep_lightning.loading import load_tokenizer
+
+        return load_tokenizer(os.fspath(tokenizer), required=True)
     return tokenizer
 
 
@@ -364,8 +365,12 @@ def evaluate(
     max_length: int | None = None,
     bootstrap_iters: int = 0,
     random_seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a causal LM on kit tasks (or lm-eval hub tasks) with lm-eval's ``simple_evaluate``.
+
+    ``progress=False`` hides lm-eval's progress bars (one per task and BLiMP paradigm) and skips its
+    environment report (a ``pip list`` per call), so a run's console keeps only what matters.
 
     Args:
         model: A ``transformers.PreTrainedModel`` or a model directory (loaded with
@@ -414,14 +419,14 @@ def evaluate(
 
     model_path: str | None = None
     if isinstance(model, (str, os.PathLike)):
-        from transformers import AutoModelForCausalLM
+        from diep_lightning.loading import load_causal_lm
 
         model_path = os.fspath(model)
         if not Path(model_path).exists():
             raise FileNotFoundError(f"model={model_path!r}: no such model directory; pass a model object or a saved model directory")
         target = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32 if target == "cpu" else "auto")
-        model.to(target)
+        # exports (pruning.json) load with their per-layer expert counts and recorded skipping
+        model = load_causal_lm(model_path, dtype=torch.float32 if target == "cpu" else None, device=target)
         restore = None
     else:
         name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -435,20 +440,21 @@ def evaluate(
     rng_state = _get_rng_state()
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_len)
-        raw = simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=task_manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=False,
-            random_seed=random_seed,
-            numpy_random_seed=random_seed,
-            torch_random_seed=random_seed,
-            fewshot_random_seed=random_seed,
-        )
+        with _quiet_lm_eval(not progress):
+            lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_len)
+            raw = simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=task_manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=False,
+                random_seed=random_seed,
+                numpy_random_seed=random_seed,
+                torch_random_seed=random_seed,
+                fewshot_random_seed=random_seed,
+            )
     finally:
         _set_rng_state(rng_state)  # lm-eval reseeds the global RNGs; leave the caller's streams as they were
         if restore is not None:
@@ -459,6 +465,33 @@ def evaluate(
     if raw is None:  # non-zero rank in a distributed run
         return {}
     return flatten_results(raw, names)
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval(enabled: bool) -> Any:
+    """Within the block, lm-eval's progress bars are off and its environment report (``pip list``) is skipped."""
+    if not enabled:
+        yield
+        return
+    import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator_module
+    import lm_eval.models.huggingface as hf_module
+    from tqdm import tqdm
+
+    def silent(*args: Any, **kwargs: Any) -> Any:
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    patches = [(m, "tqdm", silent) for m in (task_module, hf_module) if hasattr(m, "tqdm")]
+    if hasattr(evaluator_module, "add_env_info"):
+        patches.append((evaluator_module, "add_env_info", lambda results: None))
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def validate_tasks(tasks: str | Iterable[str], data_dir: str | os.PathLike | None = None) -> list[str]:

@@ -418,6 +418,20 @@ class MoEFamily:
         """Record per-layer routed-expert counts in a config (used by exports)."""
         config.diep_num_experts_per_layer = list(int(c) for c in counts)
 
+    def config_experts(self, config: Any) -> tuple[int | None, int | None]:
+        """(routed experts per MoE layer, top-k) as the config states them, before any weight is read."""
+        n = getattr(config, self.num_experts_config_attr, None)
+        k = getattr(config, "num_experts_per_tok", None)
+        return (n if isinstance(n, int) else None), (k if isinstance(k, int) else None)
+
+    def check_config(self, config: Any) -> None:
+        """Refuse a config whose routing cannot work (more experts per token than experts)."""
+        n, k = self.config_experts(config)
+        if n is not None and k is not None and not 1 <= k <= n:
+            raise ValueError(f"model_name_or_path: the config routes each token to num_experts_per_tok={k} of "
+                             f"{self.num_experts_config_attr}={n} experts; it needs 1 <= top-k <= experts; fix "
+                             "config.json")
+
     def check_model(self, model: nn.Module) -> None:
         """Family-specific checks before a search (e.g. a top-k the routing rule cannot express)."""
         if self.max_top_k is not None:

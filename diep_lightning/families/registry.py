@@ -29,6 +29,11 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_supported(obj: Any) -> bool:
+    """Whether a model or config has an adapter."""
+    return getattr(getattr(obj, "config", obj), "model_type", None) in _REGISTRY
+
+
 def _model_type(obj: Any) -> str:
     config = getattr(obj, "config", obj)
     model_type = getattr(config, "model_type", None)

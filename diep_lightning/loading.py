@@ -1,0 +1,168 @@
+"""The one place a source model, its config and its tokenizer are read, with every check that protects a run
+from a wrong or damaged model: a path that does not exist, weights that do not match the config, non-finite
+weights, and a cheap fingerprint that lets a resumed search prove it is pruning the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: Bytes read from each end of every weight file for the fingerprint (hashing whole files of a 47B model
+#: would take minutes; the ends change whenever the tensors do, and the sizes catch truncation).
+_FINGERPRINT_SPAN = 1 << 20
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """Return a local directory or a hub id; fail in one line when a local-looking path does not exist."""
+    path = Path(os.path.expanduser(str(model_name_or_path)))
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"model_name_or_path: {model_name_or_path!r} is a file; point it at a model "
+                                     "directory (with config.json)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model_name_or_path: {model_name_or_path!r} has no config.json; point it at a "
+                             "Hugging Face model directory")
+        return str(path)
+    text = str(model_name_or_path)
+    first = text.split("/", 1)[0]
+    looks_local = (text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(first).is_dir()
+                   or _offline())
+    if looks_local:
+        raise FileNotFoundError(f"model_name_or_path: {text!r} does not exist; give a model directory"
+                                + ("" if _offline() else " or a hub id 'org/name'"))
+    return text
+
+
+def load_config(model_name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """Load only the config (cheap), so that bad input fails before weights are read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"model_name_or_path: cannot load a config from {model_name_or_path!r} ({first})") from None
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a local model directory (safetensors or PyTorch bins), sorted."""
+    root = Path(path)
+    return sorted([*root.glob("*.safetensors"), *root.glob("*.bin")])
+
+
+def fingerprint(model_name_or_path: str) -> str | None:
+    """A short hash of a local model's config.json and weight files (sizes and both ends of each file);
+    None for a hub id. Two different models, or a model whose weights changed, get different fingerprints."""
+    root = Path(model_name_or_path)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").is_file() else b"")
+    for file in weight_files(root):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as fh:
+            digest.update(fh.read(_FINGERPRINT_SPAN))
+            if size > 2 * _FINGERPRINT_SPAN:
+                fh.seek(size - _FINGERPRINT_SPAN)
+                digest.update(fh.read(_FINGERPRINT_SPAN))
+    return digest.hexdigest()[:16]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+
+
+def load_model(model_name_or_path: str, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+               experts_implementation: str | None = None, model_cls: Any = None, argument: str = "model_name_or_path",
+               **kwargs: Any) -> nn.Module:
+    """Load a causal LM in eval mode and refuse it, in one line naming ``argument``, when its weight files are
+    unreadable, do not match its config (missing or wrongly shaped tensors) or hold non-finite values."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype] if dtype in DTYPES else getattr(torch, dtype)
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    cls = model_cls or AutoModelForCausalLM
+    try:
+        model, info = cls.from_pretrained(model_name_or_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
+                                          output_loading_info=True, **kwargs)
+    except (OSError, EnvironmentError) as err:
+        if getattr(err, "errno", None) is not None:
+            raise  # an environment fault (disk, permissions), reported as such
+        raise ValueError(f"{argument}: cannot read the weights in {model_name_or_path} ({_first_line(err)}); the "
+                         "files are damaged or incomplete") from None
+    except Exception as err:  # safetensors and torch raise their own types for damaged files
+        raise ValueError(f"{argument}: cannot read the weights in {model_name_or_path} ({type(err).__name__}: "
+                         f"{_first_line(err)}); the files are damaged or do not match config.json") from None
+    problems = {k: sorted(v)[:3] for k, v in info.items() if v and k in ("missing_keys", "mismatched_keys")}
+    if problems:
+        raise ValueError(f"{argument}: the weights in {model_name_or_path} do not match its config.json "
+                         f"({problems}); the files are incomplete or belong to another model")
+    model.eval()
+    check_finite(model, argument)
+    return model
+
+
+def check_finite(model: nn.Module, argument: str = "model_name_or_path") -> None:
+    """Refuse a model with NaN/inf weights, naming the MoE layer and expert when the tensor is an expert's."""
+    from diep_lightning.families import get_family
+    from diep_lightning.families.registry import is_supported
+
+    owners: dict[int, tuple[Any, str]] = {}
+    if is_supported(model.config):
+        for block in get_family(model).blocks(model):
+            for name, param in block.experts.named_parameters():
+                owners[id(param)] = (block, name)
+    for name, param in model.named_parameters():
+        if not param.is_floating_point() or param.device.type == "meta" or bool(torch.isfinite(param).all()):
+            continue
+        owner = owners.get(id(param))
+        if owner is not None and param.dim() > 1 and param.shape[0] == owner[0].num_experts:
+            block = owner[0]
+            bad = (~torch.isfinite(param.detach().reshape(param.shape[0], -1))).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"{argument}: non-finite weights (NaN/inf) in MoE layer {block.index} (decoder layer "
+                             f"{block.layer_idx}), expert(s) {bad}, tensor {name}; the checkpoint is damaged; repair "
+                             "or re-download it")
+        raise ValueError(f"{argument}: non-finite weights (NaN/inf) in {name}; the checkpoint is damaged; repair or "
+                         "re-download it")
+
+
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, required: bool = False) -> Any:
+    """The tokenizer stored with a model; None when it has none (or an error naming the path if ``required``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # tokenizers raises bare Exceptions with cut-off messages
+        if not required:
+            return None
+        raise ValueError(f"tokenizer: cannot load a tokenizer from {model_name_or_path!r} ({_first_line(err)}); save "
+                         "the tokenizer files (tokenizer.json, tokenizer_config.json) with the model or point "
+                         "data.tokenizer at a tokenizer directory") from None
+
+
+def load_causal_lm(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: Any = None,
+                   trust_remote_code: bool = False) -> nn.Module:
+    """Load any model this project reads or writes: a diep_lightning export (with its per-layer expert counts
+    and skipping, through :func:`diep_lightning.export.load_pruned`) or a plain transformers model."""
+    from diep_lightning.export import PRUNING_FILE, load_pruned
+
+    path = resolve_model_path(os.fspath(path))
+    if (Path(path) / PRUNING_FILE).is_file():
+        return load_pruned(path, dtype=dtype, device=device)
+    model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, argument="model")
+    return model.to(device) if device is not None else model
