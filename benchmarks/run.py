@@ -2,8 +2,8 @@
 
 One command (from the repository root):
 
-    python benchmarks/run.py                                  # both shipped models, writes benchmarks/RESULTS.md
-    python benchmarks/run.py --models models/tiny-mixtral --limit 100 --seeds 0
+    python -m benchmarks.run                                  # both shipped models, writes benchmarks/RESULTS.md
+    python -m benchmarks.run --models models/tiny-mixtral --limit 100 --seeds 0
 
 For each model, method and sparsity (25%, 50%) it prunes with the method's scores, evaluates the pruned model
 with the offline kit (WikiText-2 perplexity, BLiMP, ARC-Easy, PIQA, HellaSwag, COPA, LAMBADA) relative to the
@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TASKS = ["kit_wikitext2", "kit_blimp", "kit_arc_easy", "kit_piqa", "kit_hellaswag", "kit_copa", "kit_lambada"]
 HEADLINE = {"kit_wikitext2": "word_perplexity", "kit_blimp": "acc", "kit_arc_easy": "acc", "kit_piqa": "acc",
@@ -111,7 +110,7 @@ def peak_rss_mb() -> float:
 
 def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[str, float]:
     """Run :func:`cost_child` in a fresh process (so peak memory is the method's own)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--cost-child", method, "--models", model_dir,
+    cmd = [sys.executable, "-m", "benchmarks.run", "--cost-child", method, "--models", model_dir,
            "--epochs", str(args.epochs), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.batch_size)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -124,33 +123,15 @@ def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[
 # ---------------------------------------------------------------------------------------------- pruning
 def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str, datamodule: Any = None,
           merge: bool = False, skip: bool = False, merge_temperature: float = 1.0):
-    """A fresh copy of the model pruned with ``scores``; optional merging and skipping."""
-    from transformers import AutoModelForCausalLM
+    """A fresh copy of the model pruned with ``scores`` by the library's :func:`diep_lightning.prune`."""
+    from diep_lightning.data import first_batches
+    from diep_lightning.loading import load_model
+    from diep_lightning.pipeline import prune as prune_model
 
-    from diep_lightning.calibration import observe_blocks
-    from diep_lightning.callbacks.merging import ExpertMerging
-    from diep_lightning.export import apply_plan, size_report
-    from diep_lightning.families import get_family
-    from diep_lightning.pruning import select_experts
-    from diep_lightning.skipping import calibrate_block, install_skipping
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    family = get_family(model)
-    blocks = family.blocks(model)
-    plan = select_experts(scores, sparsity, [b.top_k for b in blocks], mode)
-    batches = list(datamodule.train_dataloader())[:4] if datamodule is not None else []
-    if merge:
-        merger = ExpertMerging(temperature=merge_temperature)
-        observations = observe_blocks(model, family, batches, merger.max_tokens)
-        plan.merges = [merger.merge_groups(family, b, observations[b.index], plan.kept[b.index],
-                                           plan.removed[b.index]) if plan.removed[b.index] else {} for b in blocks]
-    apply_plan(model, plan, family)
-    hooks = None
-    if skip:
-        observations = observe_blocks(model, family, batches, 4096)
-        gammas = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(model)}
-        hooks = install_skipping(model, gammas)
-    return model, plan, size_report(model, family), hooks
+    batches = first_batches(datamodule, 4) if datamodule is not None else []
+    pruned = prune_model(load_model(model_dir), scores, sparsity, mode, batches=batches,
+                         merge_temperature=merge_temperature if merge else None, skip=skip)
+    return pruned.model, pruned.plan, pruned.after, pruned.skipping
 
 
 def headline(results: dict[str, Any]) -> dict[str, float]:
@@ -207,7 +188,7 @@ def checkpoint_sha256(model_dir: str) -> str | None:
 
 def machine(threads: int) -> str:
     """The CPU, cores, threads and torch build a run measured on (timings differ about 2.4x between CPUs)."""
-    from diep_lightning.machine import cpu_name
+    from tools.machine import cpu_name
 
     return f"{cpu_name()}, {os.cpu_count()} CPU cores, {threads} thread(s), torch {torch.__version__}"
 
@@ -303,15 +284,11 @@ def measure_cost_and_decode(model_dir: str, args: argparse.Namespace, result: di
         variants = {"full": full}
         variants["pruned_50"] = prune(model_dir, scores0, 0.5, "global")[0]
         variants["pruned_50_skip"] = prune(model_dir, scores0, 0.5, "global", dm0, skip=True)[0]
-        skip_only = copy.deepcopy(full)
-        from diep_lightning.calibration import observe_blocks
-        from diep_lightning.families import get_family
-        from diep_lightning.skipping import calibrate_block, install_skipping
+        from diep_lightning.data import first_batches
+        from diep_lightning.skipping import calibrate_skipping
 
-        family = get_family(skip_only)
-        observations = observe_blocks(skip_only, family, list(dm0.train_dataloader())[:4], 4096)
-        gammas = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(skip_only)}
-        install_skipping(skip_only, gammas)
+        skip_only = copy.deepcopy(full)
+        calibrate_skipping(skip_only, first_batches(dm0, 4))
         variants["full_skip"] = skip_only
         for label, model in variants.items():
             result["decode"][label] = {f"batch_{b}": decode_tps(model, b, args.new_tokens) for b in (1, 16)}
@@ -455,7 +432,12 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
         lines.append("")
     lines += targets_section(results)
     lines += ["What was tried to make DiEP stronger, with what it gave: [TUNING.md](TUNING.md).", ""]
-    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else ""
+    serving = ""  # the serving section comes from benchmarks/serving.py (another venv); keep it
+    if "<!-- serving:begin -->" in previous and "<!-- serving:end -->" in previous:
+        serving = previous[previous.index("<!-- serving:begin -->"): previous.index("<!-- serving:end -->")]
+        serving = "\n" + serving + "<!-- serving:end -->\n"
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n" + serving)
 
 
 def plot(results: dict[str, Any], out: Path) -> None:
@@ -564,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_report(merged, argparse.Namespace(**parts[0]["args"]), out, merged["command"])
         plot(merged, out)
         return merged
-    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict[str, Any] = {"command": command, "args": vars(args), "models": {}}
     models = args.models.split(",")
     if args.jobs > 1 and len(models) > 1:

@@ -5,10 +5,10 @@ search runs on 64 x 128 calibration tokens (the benchmark: 128 x 256) for 10 epo
 perplexity on the first 32k tokens of WikiText-2 test with 256-token windows. Each call appends one JSON line
 to ``--results``. Examples (from the repository root)::
 
-    python benchmarks/tune.py --model models/tiny-mixtral --tag default
-    python benchmarks/tune.py --model models/tiny-mixtral --tag paper-sgd \\
+    python -m benchmarks.tune --model models/tiny-mixtral --tag default
+    python -m benchmarks.tune --model models/tiny-mixtral --tag paper-sgd \\
         --module '{"alpha_scaling": "softmax", "alpha_opt": "sgd", "alpha_lr": 1.0, "beta_opt": "sgd", "beta_lr": 1.0}'
-    python benchmarks/tune.py --model models/tiny-mixtral --method reap --modes global,uniform
+    python -m benchmarks.tune --model models/tiny-mixtral --method reap --modes global,uniform
 
 ``--module`` takes DiEPModule keyword arguments as JSON, plus ``alpha_opt``/``beta_opt`` ("adam" or "sgd") and
 ``alpha_lr``/``beta_lr``, which become the optimizer factories.
@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench  # noqa: E402  (the benchmark's search and prune helpers)
+from benchmarks import run as bench  # the benchmark's search and prune helpers
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "wikitext2_test.txt"
 

@@ -3,21 +3,19 @@
 One DiEP search with the defaults, then global pruning at 25% and 50%, without merging and with merging at each
 temperature; prints the token perplexity of each pruned model (see ``TUNING.md``)::
 
-    python benchmarks/tune_merging.py --model models/tiny-mixtral
+    python -m benchmarks.tune_merging --model models/tiny-mixtral
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench  # noqa: E402
+from benchmarks import run as bench
 import tune  # noqa: E402
 
 

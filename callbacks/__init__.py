@@ -7,5 +7,6 @@ from diep_lightning.callbacks.lm_eval import LmEvalValidation
 from diep_lightning.callbacks.merging import ExpertMerging
 from diep_lightning.callbacks.pruning import GlobalExpertPruning
 from diep_lightning.callbacks.skipping import SkipCalibration
+from diep_lightning.callbacks.step import PruningStep
 
-__all__ = ["ExpertMerging", "GlobalExpertPruning", "LmEvalValidation", "SkipCalibration"]
+__all__ = ["ExpertMerging", "GlobalExpertPruning", "LmEvalValidation", "PruningStep", "SkipCalibration"]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
+from diep_lightning.callbacks.step import PruningStep
 from diep_lightning.evaluation import evaluate, validate_tasks
 
 
-class LmEvalValidation(Callback):
+class LmEvalValidation(PruningStep):
     """Run lm-eval on the model being pruned: a baseline before the search, optionally at validation epochs,
     and the pruned (merged, skipping) model once :class:`GlobalExpertPruning` has exported it.
 
@@ -70,11 +71,8 @@ class LmEvalValidation(Callback):
             return
         model = self._full_model(trainer, pl_module)
         if model is not None:
-            scaling = getattr(pl_module, "_scaling", None)
-            if scaling is not None:
-                with scaling.disabled():
-                    self.results["baseline"] = self._evaluate(model, pl_module.load_tokenizer())
-            else:
+            unscaled = getattr(pl_module, "unscaled", contextlib.nullcontext)
+            with unscaled():
                 self.results["baseline"] = self._evaluate(model, pl_module.load_tokenizer())
             self._log(trainer, "baseline", self.results["baseline"])
         # rank 0 evaluated; every rank gets its results (so any rank's callback state is complete)

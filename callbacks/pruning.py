@@ -1,13 +1,8 @@
 """GlobalExpertPruning: at the end of the search, remove the lowest-scored experts and export the model.
 
-The callback is the orchestrator of the post-search pipeline. Other callbacks plug into it by defining any
-of these methods (no registration needed; they are called in ``trainer.callbacks`` order):
-
-- ``on_experts_selected(trainer, pl_module, model, plan)``: the plan is chosen, the model is untouched
-  (merging fills ``plan.merges`` here);
-- ``on_experts_removed(trainer, pl_module, model, plan)``: the model is pruned in memory (skipping
-  calibrates here and stores its gammas in ``plan.extra``);
-- ``on_pruned_export(trainer, pl_module, model, export_dir)``: the export is on disk (lm-eval runs here).
+The callback is the orchestrator of the post-search pipeline (the work itself is the library's
+:mod:`diep_lightning.pipeline`). Callbacks that take part subclass :class:`~diep_lightning.callbacks.step.PruningStep`
+and override its typed methods, which this callback calls in ``trainer.callbacks`` order.
 """
 
 from __future__ import annotations
@@ -21,6 +16,8 @@ from lightning.pytorch.callbacks import Callback
 
 from diep_lightning.export import apply_plan, export_pruned, size_report
 from diep_lightning.export_dir import check_export_dir, protected_paths
+from diep_lightning.pipeline import select
+from diep_lightning.callbacks.step import pruning_steps
 from diep_lightning.pruning import PruningPlan, check_budget, check_sparsity, select_experts
 
 
@@ -104,12 +101,13 @@ class GlobalExpertPruning(Callback):
         if model is None:  # non-zero ranks of a sharded run: rank 0 prunes and exports
             return
         family = pl_module.family
-        blocks = family.blocks(model)
-        plan = select_experts(scores, self.sparsity, [b.top_k for b in blocks], self.mode)
+        plan = select(model, scores, self.sparsity, self.mode)
         original = size_report(model, family)
-        self._dispatch(trainer, "on_experts_selected", pl_module, model, plan)
+        for step in pruning_steps(trainer):
+            step.on_experts_selected(trainer, pl_module, model, plan)
         apply_plan(model, plan, family)
-        self._dispatch(trainer, "on_experts_removed", pl_module, model, plan)
+        for step in pruning_steps(trainer):
+            step.on_experts_removed(trainer, pl_module, model, plan)
         self.plan, self.pruned_model = plan, model
         pl_module.pruned_model = model
         after = size_report(model, family)
@@ -124,14 +122,8 @@ class GlobalExpertPruning(Callback):
             self._log_figures(trainer, figures)
             print(f"[diep_lightning] pruned {plan.num_removed} experts ({plan.mode}, sparsity {plan.sparsity}); "
                   f"expert bytes {original['expert_bytes']:,} -> {after['expert_bytes']:,}; export: {path}")
-            self._dispatch(trainer, "on_pruned_export", pl_module, model, path)
-
-    @staticmethod
-    def _dispatch(trainer: pl.Trainer, hook: str, *args: Any) -> None:
-        for callback in trainer.callbacks:
-            method = getattr(callback, hook, None)
-            if callable(method):
-                method(trainer, *args)
+            for step in pruning_steps(trainer):
+                step.on_pruned_export(trainer, pl_module, model, path)
 
     @staticmethod
     def _log_summary(trainer: pl.Trainer, plan: PruningPlan, before: dict[str, int], after: dict[str, int]) -> None:

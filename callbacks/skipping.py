@@ -6,15 +6,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
-from diep_lightning.calibration import observe_blocks
-from diep_lightning.callbacks.merging import calibration_batches
+from diep_lightning.callbacks.step import PruningStep
+from diep_lightning.data import first_batches
 from diep_lightning.pruning import PruningPlan
-from diep_lightning.skipping import calibrate_block, install_skipping
+from diep_lightning.skipping import calibrate_skipping
 
 
-class SkipCalibration(Callback):
+class SkipCalibration(PruningStep):
     """Calibrate per-layer skipping thresholds on calibration tokens and install skipping in the model.
 
     With :class:`GlobalExpertPruning` it runs on the survivors once experts are removed, and the gammas go
@@ -53,22 +52,13 @@ class SkipCalibration(Callback):
                              "drop the SkipCalibration callback for this model")
 
     def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any) -> dict[str, Any]:
-        """Compute and install the thresholds on ``model``; return what goes into ``pruning.json``."""
-        family = pl_module.family
-        batches = calibration_batches(trainer, self.num_batches)
-        observations = observe_blocks(model, family, batches, self.max_tokens)
-        gammas = {}
-        for block in family.blocks(model):
-            result = calibrate_block(family, block, observations[block.index])
-            gammas[block.index] = result["gamma"]
-        self.hooks = install_skipping(model, gammas, renormalize=self.renormalize)
-        model.diep_skipping = self.hooks
-        self.gammas = {i: g.tolist() for i, g in gammas.items()}
-        # measure the fraction of expert slots skipped on the calibration batches
-        self.hooks.stats.clear()
-        observe_blocks(model, family, batches, None)
-        self.skipped_fraction = {i: s[0] / max(1, s[1]) for i, s in self.hooks.stats.items()}
-        self.hooks.stats.clear()
+        """Compute and install the thresholds on ``model`` (:func:`diep_lightning.skipping.calibrate_skipping`);
+        return what goes into ``pruning.json``."""
+        batches = first_batches(trainer.datamodule, self.num_batches)
+        skipping = calibrate_skipping(model, batches, self.max_tokens, self.renormalize)
+        self.hooks = skipping.hooks
+        self.gammas = {i: g.tolist() for i, g in skipping.gammas.items()}
+        self.skipped_fraction = skipping.skipped_fraction
         metrics = {f"skip/fraction/layer_{i}": f for i, f in self.skipped_fraction.items()}
         if self.skipped_fraction:
             metrics["skip/fraction/mean"] = sum(self.skipped_fraction.values()) / len(self.skipped_fraction)
@@ -76,8 +66,7 @@ class SkipCalibration(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         shown = ", ".join(f"{f:.3f}" for f in self.skipped_fraction.values())
         print(f"[diep_lightning] skipping calibrated; fraction of expert calls skipped per layer: {shown}")
-        return {"skip_gammas": {str(i): g for i, g in self.gammas.items()}, "skip_renormalize": self.renormalize,
-                "skip_fraction": {str(i): f for i, f in self.skipped_fraction.items()}}
+        return skipping.record()
 
     def on_experts_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                            plan: PruningPlan) -> None:

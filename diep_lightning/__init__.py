@@ -1,13 +1,16 @@
 """diep_lightning: Differentiable Expert Pruning (DiEP) for Mixture-of-Experts language models on PyTorch Lightning.
 
-Entry points: ``python -m diep_lightning fit --config configs/tiny_mixtral.yaml`` (search, prune, export),
-:func:`load_pruned` (load an export), :mod:`diep_lightning.families` (the per-family adapters).
+Entry points: ``python -m diep_lightning fit --config configs/tiny_mixtral.yaml`` (search, prune, export); the
+Trainer-free library: :func:`select`, :func:`prune` (select -> merge -> remove -> skip), :func:`export`,
+:func:`load_pruned`; :mod:`diep_lightning.families` (the per-family adapters).
 """
+
+from __future__ import annotations
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_pruned", "__version__"]
+__all__ = ["export", "load_pruned", "prune", "select", "__version__"]
 
 
 def load_pruned(path: str, **kwargs: Any) -> Any:
@@ -15,3 +18,24 @@ def load_pruned(path: str, **kwargs: Any) -> Any:
     from diep_lightning.export import load_pruned as _load_pruned
 
     return _load_pruned(path, **kwargs)
+
+
+def select(*args: Any, **kwargs: Any) -> Any:
+    """The experts to remove; see :func:`diep_lightning.pipeline.select`."""
+    from diep_lightning.pipeline import select as _select
+
+    return _select(*args, **kwargs)
+
+
+def prune(*args: Any, **kwargs: Any) -> Any:
+    """Select, merge, remove and calibrate skipping in place; see :func:`diep_lightning.pipeline.prune`."""
+    from diep_lightning.pipeline import prune as _prune
+
+    return _prune(*args, **kwargs)
+
+
+def export(*args: Any, **kwargs: Any) -> Any:
+    """Write a pruned model and its plan; see :func:`diep_lightning.export.export_pruned`."""
+    from diep_lightning.export import export_pruned
+
+    return export_pruned(*args, **kwargs)

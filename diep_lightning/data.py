@@ -626,3 +626,17 @@ class CalibrationDataModule(L.LightningDataModule):
         if self.train_tokens is None:
             self.setup()
         return self.train_tokens
+
+
+def first_batches(datamodule: Any, num_batches: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``num_batches`` batches of a datamodule's calibration (train) loader (merging and skipping
+    calibrate on them)."""
+    if datamodule is None:
+        raise ValueError("trainer.datamodule: calibration callbacks need the CalibrationDataModule; pass "
+                         "--data.* options or a datamodule to fit()")
+    batches = []
+    for batch in datamodule.train_dataloader():
+        batches.append(batch)
+        if len(batches) >= num_batches:
+            break
+    return batches

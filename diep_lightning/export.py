@@ -22,6 +22,7 @@ from diep_lightning.export_dir import PRUNING_FILE, atomic_directory, protected_
 from diep_lightning.families import MoEFamily, get_family
 from diep_lightning.pruned_model import modeling_file_source, shrink_to_layout
 from diep_lightning.pruning import PruningPlan
+from diep_lightning.serving.plan import PER_LAYER_FIELD
 
 FORMAT_VERSION = 1
 
@@ -197,11 +198,10 @@ def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.Path
                     delattr(config, key)
                 elif value is not None:
                     setattr(config, key, value)
-        if not uniform:  # save_pretrained rewrote architectures; keep the stock name for tools that read it
+        if not uniform:
             cfg_path = tmp / "config.json"
-            cfg = json.loads(cfg_path.read_text())
-            cfg["architectures"] = [base_cls.__name__]
-            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            cfg_path.write_text(json.dumps(non_uniform_config(json.loads(cfg_path.read_text()), spec, family,
+                                                              base_cls.__name__), indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record = {
@@ -226,6 +226,16 @@ def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.Path
             (tmp / name).write_text(content)
         figures = _plot(plan, counts, tmp, method)
     return Path(export_dir).expanduser().resolve(), figures
+
+
+def non_uniform_config(cfg: dict[str, Any], spec: list[dict[str, int] | None], family: MoEFamily,
+                       base_name: str) -> dict[str, Any]:
+    """A non-uniform export's config.json that says what it is: the per-layer counts in
+    ``num_experts_per_layer``, the scalar count set to the largest layer's (every expert id stays in range),
+    and an ``architectures`` name (``DiEP<stock class>``) that stock loaders do not take for the stock model."""
+    counts = [s["num_experts"] if s else 0 for s in spec]
+    return {**cfg, PER_LAYER_FIELD: counts, family.num_experts_config_attr: max(counts),
+            "architectures": [f"DiEP{base_name}"]}
 
 
 def size_report(model: nn.Module, family: MoEFamily | None = None) -> dict[str, int]:

@@ -8,18 +8,18 @@ alternating blocks of alpha steps and beta steps (paper: 3:1), each with its own
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from diep_lightning.baselines import make_scorer
+from diep_lightning.methods import make_scorer
 from diep_lightning.families import MoEBlock, get_family
 from diep_lightning.loading import DTYPES, fingerprint, load_config, load_model, load_tokenizer, resolve_model_path
 
@@ -83,7 +83,7 @@ class DiEPModule(LightningModule):
         experts_implementation: transformers experts kernel ("eager", "batched_mm", "grouped_mm"; None:
             transformers' default).
         method: "diep" (the search), or a baseline scored from one pass over the calibration data with the
-            same pruning and export: "random", "frequency", "reap", "naee" (see :mod:`diep_lightning.baselines`).
+            same pruning and export: "random", "frequency", "reap", "naee" (see :mod:`diep_lightning.methods`).
         random_seed: seed of the "random" baseline.
         naee_max_subsets: NAEE refuses layers with more subsets than this.
         teacher_cache_gb: keep the teacher's outputs per calibration sample after their first computation, so
@@ -126,7 +126,7 @@ class DiEPModule(LightningModule):
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val: must be > 0 or null, got {gradient_clip_val!r}")
         self.ratio = parse_ratio(alpha_beta_ratio)
-        self.scorer = make_scorer(method, seed=random_seed, naee_max_subsets=naee_max_subsets)
+        self.scorer = make_scorer(method, seed=random_seed, max_subsets=naee_max_subsets)
         self.model_path = resolve_model_path(model_name_or_path)
         self.hf_config = load_config(self.model_path, trust_remote_code)
         self.family = get_family(self.hf_config)  # unknown / dense model types fail here, before any weight
@@ -199,6 +199,10 @@ class DiEPModule(LightningModule):
         if getattr(self, "_statistics", None) is not None:
             self._statistics.remove()
         return self.model
+
+    def unscaled(self) -> Any:
+        """Context in which the model computes as the original (the search's scaling switched off)."""
+        return self._scaling.disabled() if self._scaling is not None else contextlib.nullcontext()
 
     def load_source_model(self, **kwargs: Any) -> nn.Module:
         """A fresh copy of the source model with the run's dtype and ``trust_remote_code`` (checked: readable,

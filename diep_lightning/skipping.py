@@ -10,12 +10,14 @@ experts forward never computes, so the work really disappears.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from diep_lightning.calibration import BlockObservation, cka_matrix, expert_outputs
+from diep_lightning.calibration import BlockObservation, cka_matrix, expert_outputs, observe_blocks
 from diep_lightning.families import MoEBlock, MoEFamily, get_family
 
 
@@ -46,6 +48,46 @@ def install_skipping(model: nn.Module, gammas: dict[int, torch.Tensor], renormal
     counts skipped and total expert slots per block)."""
     family = get_family(model)
     return family.install_skipping(family.blocks(model), gammas, renormalize=renormalize)
+
+
+@dataclass
+class Skipping:
+    """Calibrated skipping installed in a model.
+
+    Attributes:
+        gammas: per MoE block, the (N, N) thresholds.
+        hooks: the installed hook group (``hooks.remove()`` uninstalls skipping).
+        skipped_fraction: per MoE block, the share of chosen expert slots skipped on the calibration tokens.
+        renormalize: whether surviving weights are rescaled when a slot is skipped.
+    """
+
+    gammas: dict[int, torch.Tensor]
+    hooks: Any
+    skipped_fraction: dict[int, float] = field(default_factory=dict)
+    renormalize: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """What an export's ``pruning.json`` keeps (``plan.extra``) so that loading re-installs it."""
+        return {"skip_gammas": {str(i): g.tolist() for i, g in self.gammas.items()},
+                "skip_renormalize": self.renormalize,
+                "skip_fraction": {str(i): f for i, f in self.skipped_fraction.items()}}
+
+
+@torch.no_grad()
+def calibrate_skipping(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_tokens: int = 4096,
+                       renormalize: bool = False) -> Skipping:
+    """Calibrate gammas on ``batches``, install skipping in ``model``, and measure the skipped share on them."""
+    batches = list(batches)
+    family = get_family(model)
+    observations = observe_blocks(model, family, batches, max_tokens)
+    gammas = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(model)}
+    hooks = install_skipping(model, gammas, renormalize=renormalize)
+    model.diep_skipping = hooks
+    hooks.stats.clear()
+    observe_blocks(model, family, batches, None)
+    skipped = {i: s[0] / max(1, s[1]) for i, s in hooks.stats.items()}
+    hooks.stats.clear()
+    return Skipping(gammas=gammas, hooks=hooks, skipped_fraction=skipped, renormalize=renormalize)
 
 
 def install_skipping_from_record(model: nn.Module, record: dict[str, Any]) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 #: Warnings that describe this project's design, not a problem of the user's run.
 _BY_DESIGN = (
     r".*does not have a `validation_step`.*",  # the search has no validation loop
-    r".*modules? in eval mode.*",  # the frozen model stays in eval mode on purpose (deterministic routing)
+    r".*module\(s\) in eval mode.*",  # the frozen model stays in eval mode on purpose (deterministic routing)
     r".*`training_step` returned `None`.*",  # baselines only collect statistics
     r".*LightningCLI's args parameter.*",
     r".*The number of training batches \(\d+\) is smaller than the logging interval.*",
@@ -20,9 +20,16 @@ _BY_DESIGN = (
 )
 
 
-class _NoTips(logging.Filter):
+class _Drop(logging.Filter):
+    """Drops log records whose message contains one of the given phrases."""
+
+    def __init__(self, *phrases: str) -> None:
+        super().__init__()
+        self.phrases = phrases
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in record.getMessage()
+        message = record.getMessage()
+        return not any(p in message for p in self.phrases)
 
 
 def quiet() -> None:
@@ -30,9 +37,19 @@ def quiet() -> None:
     for pattern in _BY_DESIGN:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_NoTips())
+        logging.getLogger(name).addFilter(_Drop("Tip:"))
+    # calibration documents are tokenized whole and then cut into windows, so long documents are expected
+    logging.getLogger("transformers.tokenization_utils_base").addFilter(_Drop("Token indices sequence length"))
     for name in ("lm_eval", "lm-eval", "lm_eval.api.task", "lm_eval.evaluator"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # per-file progress bars of datasets (one per BLiMP paradigm) and of transformers' weight loading
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    except (ImportError, AttributeError):
+        pass
 
 
 def _fmt(value: float) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
 
-from diep_lightning.baselines import FrequencyScorer, NaeeScorer, ReapScorer, make_scorer
+from diep_lightning.methods import FrequencyScorer, NaeeScorer, ReapScorer, make_scorer
 from diep_lightning.families import get_family
 from diep_lightning.main import main
 from diep_lightning.testing import tiny_model

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 from model_fixtures import tiny_mixtral_dir  # noqa: F401
 
+from benchmarks import run as bench
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     out = tmp_path / "bench"
     results = bench.main(["--models", tiny_mixtral_dir, "--seeds", "0", "--limit", "2", "--epochs", "1",
                           "--num-samples", "8", "--seq-len", "32", "--batch-size", "4", "--new-tokens", "4",
@@ -58,9 +56,6 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
 def test_benchmark_rejects_unknown_phase(tmp_path, capsys):
     import pytest
 
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     with pytest.raises(SystemExit):
         bench.main(["--phases", "quality,speed", "--out", str(tmp_path)])
     assert "--phases" in capsys.readouterr().err

@@ -19,8 +19,9 @@ README = (REPO / "README.md").read_text()
 
 #: Commands run by another test, with the test that runs them.
 COVERED_ELSEWHERE = {
-    "python benchmarks/run.py": "tests/test_benchmark_smoke.py::test_benchmark_smoke",
+    "python -m benchmarks.run": "tests/test_benchmark_smoke.py::test_benchmark_smoke",
     "python -m pytest": ".ci/run",
+    "vllm serve": "tests/test_vllm.py::test_every_served_family_serves_a_global_export_with_transformers_tokens",  # vllm.LLM, in the vLLM venv
 }
 
 #: Appended right after `--config X` of a tiny config: one short epoch and a quick lm-eval (before the README's
@@ -122,7 +123,7 @@ def _substitute(command: str, export: Path, tmp_path: Path) -> list[str]:
     args = shlex.split(command)
     if "--limit" in args:  # the README's limits, made smaller still
         args[args.index("--limit") + 1] = "2"
-    if args[:2] == ["python", "benchmarks/tune.py"]:
+    if args[:3] == ["python", "-m", "benchmarks.tune"]:
         args += ["--epochs", "1", "--num-samples", "8", "--seq-len", "64", "--eval-tokens", "2048",
                  "--results", str(tmp_path / "tuning.jsonl")]
     return args
@@ -133,7 +134,7 @@ OTHER_COMMANDS = [c for c in COMMANDS if not c.startswith(("python -m diep_light
 
 
 def test_every_readme_command_has_a_rule():
-    known = ("python -m diep_lightning.evaluation", "lm_eval ", "python benchmarks/tune.py")
+    known = ("python -m diep_lightning.evaluation", "lm_eval ", "python -m benchmarks.tune")
     assert all(c.startswith(known) for c in OTHER_COMMANDS), [c for c in OTHER_COMMANDS if not c.startswith(known)]
     for test in COVERED_ELSEWHERE.values():
         file, _, name = test.partition("::")
@@ -148,7 +149,7 @@ def test_the_evaluation_and_lm_eval_commands_run_on_the_quickstart_export(quicks
             args[0] = sys.executable
         result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
         assert result.returncode == 0, (command, result.stderr[-2000:])
-        if "tune.py" in command:
+        if "benchmarks.tune" in command:
             assert (tmp_path / "tuning.jsonl").read_text().strip(), command
         elif "--model" in args or args[0] == "lm_eval":
             assert "blimp" in result.stdout, (command, result.stdout[-1000:])

@@ -1,26 +1,21 @@
-"""The training script's data preparation: short pieces and windows that start at them.
-
-``scripts/train_tiny_moe.py`` is a script, not part of the package, so it is imported from its path.
-"""
+"""The tiny-model training tool's data preparation (``tools/train_tiny_moe.py``): short pieces and windows that
+start at them."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_tiny_moe.py"
-TOKENIZER_DIR = SCRIPT.parent.parent / "models" / "tiny-mixtral"
+from tools import train_tiny_moe
+
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-mixtral"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_tiny_moe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return train_tiny_moe
 
 
 def test_book_text_is_cut_at_blank_lines_only(script):

@@ -473,6 +473,7 @@ def _quiet_lm_eval(enabled: bool) -> Any:
     if not enabled:
         yield
         return
+    import lm_eval.api.model as model_module
     import lm_eval.api.task as task_module
     import lm_eval.evaluator as evaluator_module
     import lm_eval.models.huggingface as hf_module
@@ -481,7 +482,7 @@ def _quiet_lm_eval(enabled: bool) -> Any:
     def silent(*args: Any, **kwargs: Any) -> Any:
         return tqdm(*args, **{**kwargs, "disable": True})
 
-    patches = [(m, "tqdm", silent) for m in (task_module, hf_module) if hasattr(m, "tqdm")]
+    patches = [(m, "tqdm", silent) for m in (task_module, hf_module, model_module) if hasattr(m, "tqdm")]
     if hasattr(evaluator_module, "add_env_info"):
         patches.append((evaluator_module, "add_env_info", lambda results: None))
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]

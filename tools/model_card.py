@@ -1,12 +1,12 @@
 """Measure a shipped tiny MoE with the project's own kit and write its model card (``<model>/README.md``).
 
-    python scripts/model_card.py --model models/tiny-mixtral
-    python scripts/model_card.py --model models/tiny-qwen-moe
+    python -m tools.model_card --model models/tiny-mixtral
+    python -m tools.model_card --model models/tiny-qwen-moe
 
 Figures: held-out perplexity (WikiText-2 test, kit task ``kit_wikitext2``), BLiMP average over the 34
 paradigms (``kit_blimp``), per-layer expert usage on held-out text, and per layer how much held-out loss rises
 when each single expert is removed (masked out of routing). Training facts come from ``training_log.json``
-written by ``scripts/train_tiny_moe.py``. Everything is saved to ``<model>/card_metrics.json`` too.
+written by ``tools/train_tiny_moe.py``. Everything is saved to ``<model>/card_metrics.json`` too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
+#: The tools' old locations, as training logs recorded them, and how they are run now.
+MOVED = {"python3 scripts/train_tiny_moe.py": "python -m tools.train_tiny_moe",
+         "python scripts/train_tiny_moe.py": "python -m tools.train_tiny_moe",
+         "python scripts/model_card.py": "python -m tools.model_card"}
 
 
 def held_out_batches(tokenizer, seq_len: int, count: int) -> list[torch.Tensor]:
@@ -62,7 +66,10 @@ def usage_and_ablation(model, batches) -> tuple[list[list[float]], list[list[flo
 
 
 def point_at(command: str, flag: str, model_dir: Path) -> str:
-    """``command`` with the folder after ``flag`` replaced by ``model_dir`` (when it names another folder)."""
+    """``command`` with the folder after ``flag`` replaced by ``model_dir`` (when it names another folder), and
+    the tool's current way to run it."""
+    for old, new in MOVED.items():
+        command = command.replace(old, new)
     found = re.search(rf"{flag} (\S+)", command)
     if found and Path(found.group(1)).resolve() != model_dir.resolve():
         return command.replace(found.group(0), f"{flag} {model_dir.as_posix()}")
@@ -77,7 +84,7 @@ def card(model_dir: Path, metrics: dict, log: dict) -> str:
     config = json.loads((model_dir / "config.json").read_text())
     threads = log.get("threads", "?")
     # trained and measured in a scratch folder, then copied here: the commands name this folder
-    command = point_at(log.get("command", "python scripts/train_tiny_moe.py"), "--out", model_dir)
+    command = point_at(log.get("command", "python -m tools.train_tiny_moe"), "--out", model_dir)
     measured_by = point_at(metrics["command"], "--model", model_dir)
     balance = {"per-layer": "per MoE layer", "global": "pooled over layers (transformers' built-in)"}.get(
         log.get("balance_loss", "global"), "on")

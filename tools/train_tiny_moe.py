@@ -13,28 +13,27 @@ of ``<data-dir>/train_corpus`` (C4 validation 2k, Gutenberg, State-of-the-Union,
 tiny-shakespeare, WikiText-2 *validation*). ``<data-dir>/eval`` (WikiText-2 test, BLiMP, ...) and
 ``<data-dir>/calibration`` are never read.
 
-Reproduce the shipped models (CPU)::
+Reproduce the shipped models (CPU, from the repository root; times and machines in ``tools/README_models.md``)::
 
     # the tokenizer (shared by both models)
-    python3 scripts/train_tiny_moe.py --tokenizer-only --out models/tiny-mixtral
-    # tiny-mixtral: 2300 steps of 8 x 256 tokens (4.71 M tokens, 1.2 epochs), one thread, 20.9 min on the
-    # Intel Xeon machine of session 4 (about 2.4x the per-thread speed of the AMD EPYC of sessions 1-3)
-    python3 scripts/train_tiny_moe.py --arch mixtral --out models/tiny-mixtral --tokenizer models/tiny-mixtral \
+    python -m tools.train_tiny_moe --tokenizer-only --out models/tiny-mixtral
+    # tiny-mixtral: 2300 steps of 8 x 256 tokens (4.71 M tokens, 1.2 epochs), one thread
+    python -m tools.train_tiny_moe --arch mixtral --out models/tiny-mixtral --tokenizer models/tiny-mixtral \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2300 --max-minutes 59 --eval-every 500 --log-every 100
-    # tiny-qwen-moe: 2000 steps of 8 x 256 tokens (4.10 M tokens, 1.0 epoch), one thread, 40.7 min on the AMD EPYC
-    python3 scripts/train_tiny_moe.py --arch qwen-moe --out models/tiny-qwen-moe --tokenizer models/tiny-mixtral \
+    # tiny-qwen-moe: 2000 steps of 8 x 256 tokens (4.10 M tokens, 1.0 epoch), one thread
+    python -m tools.train_tiny_moe --arch qwen-moe --out models/tiny-qwen-moe --tokenizer models/tiny-mixtral \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2000 --max-minutes 59 --eval-every 500 --log-every 100
-    python3 scripts/model_card.py --model models/tiny-mixtral --threads 2
-    python3 scripts/model_card.py --model models/tiny-qwen-moe --threads 2
+    python -m tools.model_card --model models/tiny-mixtral --threads 2
+    python -m tools.model_card --model models/tiny-qwen-moe --threads 2
 
 Both shipped models were written to a scratch ``--out`` and copied into ``models/`` (so a half-finished run
 never replaces a shipped model); each ``training_log.json`` records its command verbatim.
 
 Both shipped models use the same recipe (batch 8 x 256, peak lr 2.5e-3, 200 warm-up steps, per-layer
 balancing, about one epoch). ``--piece-chars`` (windows that start at short, paragraph-aligned pieces) was
-tried on tiny-mixtral and is not used: see ``scripts/README_models.md``.
+tried on tiny-mixtral and is not used: see ``tools/README_models.md``.
 
 The script's defaults are the first recipe: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak lr 2e-3,
 60 warm-up steps, cosine to 10%, batch 16 x 256 tokens, grad-norm clip 1.0, fp32, transformers'
@@ -48,8 +47,7 @@ killed run continues bit-for-bit when the same command is run again.
 
 transformers' ``load_balancing_loss_func`` pools the routing statistics of all layers before
 multiplying them, so it only balances each expert's load summed over layers: with it a layer can
-starve experts (the first tiny-qwen-moe had 1, 0, 6 and 1 experts in its four layers that got no held-out
-tokens). ``--balance-loss per-layer`` (:func:`balance_loss_per_layer`) balances every layer; both shipped
+starve experts. ``--balance-loss per-layer`` (:func:`balance_loss_per_layer`) balances every layer; both shipped
 models use it.
 
 Each output directory receives ``model.safetensors`` (fp32), ``config.json``,
@@ -857,8 +855,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     Returns:
         The training log dictionary (also written to ``<out>/training_log.json``).
     """
-    sys.path.insert(0, str(REPO_ROOT))  # the package, also when it is not installed
-    from diep_lightning.machine import cpu_name
+    from tools.machine import cpu_name
 
     t0 = time.time()
     torch.set_num_threads(args.threads)

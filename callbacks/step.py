@@ -1,0 +1,36 @@
+"""PruningStep: the typed interface between the pruning callback and the callbacks that take part in pruning.
+
+``GlobalExpertPruning`` calls these methods on every ``PruningStep`` in ``trainer.callbacks``, in list order;
+a step overrides the ones it needs. Steps never call each other: what they share is the plan and the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from diep_lightning.pruning import PruningPlan
+
+
+class PruningStep(Callback):
+    """A callback with a say in pruning (merging, skipping, evaluation of the export)."""
+
+    def on_experts_selected(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
+                            plan: PruningPlan) -> None:
+        """The plan is chosen and the model is untouched (merging fills ``plan.merges`` here)."""
+
+    def on_experts_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
+                           plan: PruningPlan) -> None:
+        """The model is pruned in memory (skipping calibrates here and records its thresholds in ``plan.extra``)."""
+
+    def on_pruned_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
+                         export_dir: Path) -> None:
+        """The export is on disk (lm-eval scores the pruned model here)."""
+
+
+def pruning_steps(trainer: pl.Trainer) -> list[PruningStep]:
+    """The trainer's pruning steps, in ``trainer.callbacks`` order."""
+    return [c for c in trainer.callbacks if isinstance(c, PruningStep)]

@@ -1,0 +1,81 @@
+"""``naee``: per layer, the subset of the kept size whose layer output is closest to the original on the
+calibration tokens (Lu et al., 2024). Exhaustive, so it refuses when a layer has too many subsets."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from diep_lightning.families import MoEBlock
+from diep_lightning.methods.base import Scorer, register_method
+
+
+@register_method
+class NaeeScorer(Scorer):
+    """Exhaustive per-layer subset search on the layer output reconstruction error.
+
+    Args:
+        max_subsets: largest number of subsets per layer it agrees to try.
+        max_tokens: calibration tokens kept per layer for the search.
+    """
+
+    name = "naee"
+
+    def __init__(self, max_subsets: int = 20_000, max_tokens: int = 2048) -> None:
+        self.max_subsets, self.max_tokens = max_subsets, max_tokens
+        self.hidden: dict[int, list[torch.Tensor]] = {}
+        self.seen: dict[int, int] = {}
+
+    @staticmethod
+    def _keep(block: MoEBlock, sparsity: float) -> int:
+        return block.num_experts - round(sparsity * block.num_experts)
+
+    def check(self, blocks, sparsity, mode):
+        if mode is not None and mode != "uniform":
+            raise ValueError("mode: NAEE searches each layer separately (same count per layer); set mode: uniform "
+                             "in GlobalExpertPruning for method naee")
+        if sparsity is None:
+            raise ValueError("method: naee needs GlobalExpertPruning (its sparsity sets the subset size)")
+        for block in blocks:
+            count = math.comb(block.num_experts, self._keep(block, sparsity))
+            if count > self.max_subsets:
+                raise ValueError(
+                    f"method: NAEE would try C({block.num_experts}, {self._keep(block, sparsity)}) = {count:.3g} "
+                    f"subsets in layer {block.index}, over max_subsets={self.max_subsets}; exhaustive search is "
+                    "infeasible here (use method: diep), or raise naee_max_subsets"
+                )
+
+    def observe(self, family, block, hidden, index, weights):
+        seen = self.seen.get(block.index, 0)
+        if seen >= self.max_tokens:
+            return
+        take = hidden[: self.max_tokens - seen].detach()
+        self.hidden.setdefault(block.index, []).append(take)
+        self.seen[block.index] = seen + take.shape[0]
+
+    @torch.no_grad()
+    def scores(self, family, blocks, sparsity=None, mode=None):
+        self.check(blocks, sparsity, mode)
+        result = []
+        for block in blocks:
+            hidden = torch.cat(self.hidden[block.index], 0).unsqueeze(0)
+            reference = _block_output(block, hidden)
+            keep = self._keep(block, sparsity)
+            best, best_err = None, math.inf
+            for subset in itertools.combinations(range(block.num_experts), keep):
+                removed = [e for e in range(block.num_experts) if e not in subset]
+                with family.masked_routing(block, removed):
+                    err = float((_block_output(block, hidden) - reference).float().pow(2).sum())
+                if err < best_err:
+                    best, best_err = subset, err
+            scores = torch.zeros(block.num_experts)
+            scores[list(best)] = 1.0
+            result.append(scores)
+        return result
+
+
+def _block_output(block: MoEBlock, hidden: torch.Tensor) -> torch.Tensor:
+    out = block.module(hidden)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,35 @@
+"""``reap``: mean over routed tokens of router weight x L2 norm of the expert's output (REAP, Cerebras 2025;
+equal to llm-compressor's ``REAPPruningModifier``)."""
+
+from __future__ import annotations
+
+import torch
+
+from diep_lightning.methods.base import Scorer, register_method
+
+
+@register_method
+class ReapScorer(Scorer):
+    """Mean over routed tokens of (router weight x L2 norm of the expert's output)."""
+
+    name = "reap"
+
+    def __init__(self) -> None:
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def observe(self, family, block, hidden, index, weights):
+        n = block.num_experts
+        sums = self.sums.setdefault(block.index, torch.zeros(n, dtype=torch.float64))
+        counts = self.counts.setdefault(block.index, torch.zeros(n, dtype=torch.float64))
+        for e in index.unique().tolist():
+            if e >= n:
+                continue
+            token, slot = (index == e).nonzero(as_tuple=True)
+            out = family.expert_outputs(block, hidden[token], [e])[0]
+            sums[e] += float((out.float().norm(dim=-1) * weights[token, slot].float()).sum())
+            counts[e] += token.numel()
+
+    def scores(self, family, blocks, sparsity=None, mode=None):
+        return [(self.sums.get(b.index, torch.zeros(b.num_experts)) /
+                 self.counts.get(b.index, torch.ones(b.num_experts)).clamp_min(1)).float() for b in blocks]

@@ -1,0 +1,64 @@
+"""Pruning without a Trainer: the one implementation of select -> merge -> remove -> skip that the callbacks,
+the benchmark and a notebook all call.
+
+    scores = module.expert_scores()                       # DiEP's alpha * beta, or any method's scores
+    pruned = diep_lightning.prune(model, scores, 0.5, "global", batches=calibration, skip=True)
+    diep_lightning.export(pruned.model, pruned.plan, "out/", source="models/tiny-mixtral", original=pruned.before)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from diep_lightning.export import apply_plan, size_report
+from diep_lightning.families import get_family
+from diep_lightning.merging import GroupFn, plan_merges
+from diep_lightning.pruning import PruningPlan, select_experts
+from diep_lightning.skipping import Skipping, calibrate_skipping
+
+
+def select(model: nn.Module, scores: Sequence[torch.Tensor], sparsity: float, mode: str = "global") -> PruningPlan:
+    """The experts to remove from ``model`` by ``scores`` (one tensor per MoE block, higher = keep), never
+    leaving a block under its top-k."""
+    blocks = get_family(model).blocks(model)
+    return select_experts(scores, sparsity, [b.top_k for b in blocks], mode)
+
+
+@dataclass
+class Pruned:
+    """The outcome of :func:`prune`: the model (pruned in place), its plan, sizes before and after, and the
+    installed skipping (None without it)."""
+
+    model: nn.Module
+    plan: PruningPlan
+    before: dict[str, int]
+    after: dict[str, int]
+    skipping: Skipping | None = None
+
+
+def prune(model: nn.Module, scores: Sequence[torch.Tensor] | None, sparsity: float | None = None,
+          mode: str = "global", *, plan: PruningPlan | None = None, batches: Sequence[dict[str, Any]] = (),
+          merge_temperature: float | None = None, merge_max_tokens: int = 4096, merge_groups: GroupFn | None = None,
+          skip: bool = False, skip_max_tokens: int = 4096, skip_renormalize: bool = False) -> Pruned:
+    """Prune ``model`` in place: select (or take ``plan``), merge pruned experts into survivors when
+    ``merge_temperature`` is given, remove them, and calibrate skipping on the survivors when ``skip``.
+
+    Merging and skipping need calibration ``batches`` (dicts with ``input_ids``/``attention_mask``)."""
+    if plan is None:
+        plan = select(model, scores, sparsity, mode)
+    if (merge_temperature is not None or skip) and not batches:
+        raise ValueError("batches: merging and skipping calibrate on data; pass a few calibration batches")
+    before = size_report(model)
+    if merge_temperature is not None:
+        plan_merges(model, plan, batches, merge_temperature, merge_max_tokens, merge_groups)
+    apply_plan(model, plan)
+    skipping = None
+    if skip:
+        skipping = calibrate_skipping(model, batches, skip_max_tokens, skip_renormalize)
+        plan.extra.update(skipping.record())
+    return Pruned(model=model, plan=plan, before=before, after=size_report(model), skipping=skipping)

@@ -1,0 +1,69 @@
+"""What the vLLM plugin needs to know about a non-uniform export, without importing vLLM (so it is tested
+everywhere): which families it serves, each decoder layer's expert count, and the settings it refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The config field that carries a non-uniform export's routed-expert count per decoder layer (0: a dense layer);
+#: the name EvoESAP's non-uniform Qwen3-MoE configs use.
+PER_LAYER_FIELD = "num_experts_per_layer"
+
+#: model_type -> (vLLM module, causal-LM class, decoder-layer class, config attribute with the expert count)
+SERVED = {
+    "mixtral": ("mixtral", "MixtralForCausalLM", "MixtralDecoderLayer", "num_local_experts"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeDecoderLayer", "num_experts"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeDecoderLayer", "num_experts"),
+    "olmoe": ("olmoe", "OlmoeForCausalLM", "OlmoeDecoderLayer", "num_experts"),
+}
+
+#: Every architecture name a non-uniform export may carry (``DiEP<stock class>``), served or refused.
+EXPORTED = {
+    "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM", "phimoe": "PhimoeForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
+}
+
+
+def architecture(model_type: str) -> str:
+    """The architecture name of a non-uniform export of ``model_type``."""
+    return f"DiEP{EXPORTED[model_type]}"
+
+
+def experts_per_layer(config: Any) -> list[int]:
+    """Each decoder layer's routed-expert count from an export's config (0 for a dense layer).
+
+    Raises:
+        ValueError: one line when the field is missing or does not fit the model.
+    """
+    counts = getattr(config, PER_LAYER_FIELD, None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(counts, (list, tuple)) or not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise ValueError(f"{PER_LAYER_FIELD}: the config has no per-layer expert counts (got {counts!r}); serve a "
+                         "non-uniform diep_lightning export, or a stock model without this plugin's architecture")
+    if layers is not None and len(counts) != layers:
+        raise ValueError(f"{PER_LAYER_FIELD}: {len(counts)} entries for {layers} decoder layers; re-export the model")
+    if not any(counts):
+        raise ValueError(f"{PER_LAYER_FIELD}: no layer has routed experts; re-export the model")
+    return list(counts)
+
+
+def check_parallelism(counts: list[int], top_k: int | None, expert_parallel_size: int, eplb: bool) -> None:
+    """Refuse settings that cannot work with per-layer counts, in one line naming the setting."""
+    smallest = min(c for c in counts if c)
+    if eplb:
+        raise ValueError("enable_eplb: expert load balancing assumes one expert count for every layer; serve this "
+                         "non-uniform export without EPLB")
+    if expert_parallel_size > smallest:
+        raise ValueError(f"enable_expert_parallel: {expert_parallel_size} expert-parallel ranks but the smallest layer "
+                         f"keeps {smallest} experts; use at most {smallest} ranks or tensor parallelism")
+    if top_k is not None and top_k > smallest:
+        raise ValueError(f"{PER_LAYER_FIELD}: a layer keeps {smallest} experts, fewer than top-k={top_k}")
+
+
+def layer_index(prefix: str) -> int:
+    """The decoder-layer index in a vLLM module prefix such as ``model.layers.7``."""
+    parts = [p for p in prefix.split(".") if p.isdigit()]
+    if not parts:
+        raise ValueError(f"prefix: no layer index in {prefix!r}")
+    return int(parts[-1])

