@@ -9,12 +9,12 @@ from typing import Any
 #: the name EvoESAP's non-uniform Qwen3-MoE configs use.
 PER_LAYER_FIELD = "num_experts_per_layer"
 
-#: model_type -> (vLLM module, causal-LM class, decoder-layer class, config attribute with the expert count)
+#: model_type -> (vLLM model file, causal-LM class, config attribute with the expert count)
 SERVED = {
-    "mixtral": ("mixtral", "MixtralForCausalLM", "MixtralDecoderLayer", "num_local_experts"),
-    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeDecoderLayer", "num_experts"),
-    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeDecoderLayer", "num_experts"),
-    "olmoe": ("olmoe", "OlmoeForCausalLM", "OlmoeDecoderLayer", "num_experts"),
+    "mixtral": ("mixtral", "MixtralForCausalLM", "num_local_experts"),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", "num_experts"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", "num_experts"),
+    "olmoe": ("olmoe", "OlmoeForCausalLM", "num_experts"),
 }
 
 #: Every architecture name a non-uniform export may carry (``DiEP<stock class>``), served or refused.

@@ -1,9 +1,9 @@
 """vLLM model classes for non-uniform diep_lightning exports, and the plugin hook that registers them.
 
 vLLM builds every decoder layer's MoE from one expert count in the config. Each class here is vLLM's own model
-class with one change: while layer i is built, the config's expert count reads ``num_experts_per_layer[i]``,
-so every layer gets a fused-MoE module (router, expert tensors) of its own size; weights then load with vLLM's
-own loader. Registered through the ``vllm.general_plugins`` entry point, so engine worker processes get it too.
+class with one change: while layer i is built (through the model file's ``make_layers``), the config's expert
+count reads ``num_experts_per_layer[i]``, so every layer gets a fused-MoE module (router, expert tensors) of its
+own size; weights then load with vLLM's own loader. Registered through the ``vllm.general_plugins`` entry point, so engine worker processes get it too.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from diep_lightning.serving.plan import EXPORTED, SERVED, architecture, check_pa
 
 
 def _per_layer_class(model_type: str) -> type:
-    module_name, causal_name, layer_name, count_attr = SERVED[model_type]
+    module_name, causal_name, count_attr = SERVED[model_type]
     module = importlib.import_module(f"vllm.model_executor.models.{module_name}")
-    base, layer_base = getattr(module, causal_name), getattr(module, layer_name)
+    base, make_layers = getattr(module, causal_name), module.make_layers
 
     class DiEPModel(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             model_config = vllm_config.model_config
-            configs = {id(c): c for c in (model_config.hf_config, getattr(model_config, "hf_text_config", None)) if c}
+            configs = list({id(c): c for c in (model_config.hf_config, getattr(model_config, "hf_text_config", None))
+                            if c is not None}.values())
             counts = experts_per_layer(model_config.hf_config)
             parallel = vllm_config.parallel_config
             ep = (parallel.tensor_parallel_size * parallel.data_parallel_size
@@ -30,25 +31,26 @@ def _per_layer_class(model_type: str) -> type:
             check_parallelism(counts, getattr(model_config.hf_config, "num_experts_per_tok", None), ep,
                               bool(getattr(parallel, "enable_eplb", False)))
 
-            class PerLayer(layer_base):  # type: ignore[misc, valid-type]
-                def __init__(self, *args: Any, **kwargs: Any) -> None:
-                    at = kwargs.get("prefix") or next(a for a in args if isinstance(a, str))
-                    count = counts[layer_index(at)]
-                    saved = {k: getattr(c, count_attr) for k, c in configs.items()}
-                    try:
-                        if count:
-                            for c in configs.values():
-                                setattr(c, count_attr, count)
-                        super().__init__(*args, **kwargs)
-                    finally:
-                        for k, c in configs.items():
-                            setattr(c, count_attr, saved[k])
+            def build_layer(layer_fn: Any, prefix: str) -> Any:
+                count = counts[layer_index(prefix)]
+                saved = [getattr(c, count_attr) for c in configs]
+                try:
+                    if count:
+                        for c in configs:
+                            setattr(c, count_attr, count)
+                    return layer_fn(prefix=prefix)
+                finally:
+                    for c, value in zip(configs, saved):
+                        setattr(c, count_attr, value)
 
-            setattr(module, layer_name, PerLayer)  # the model builds its layers through this module global
+            def per_layer_make_layers(num_layers: int, layer_fn: Any, *args: Any, **kwargs: Any) -> Any:
+                return make_layers(num_layers, lambda prefix: build_layer(layer_fn, prefix), *args, **kwargs)
+
+            module.make_layers = per_layer_make_layers  # every family builds its decoder layers through it
             try:
                 super().__init__(vllm_config=vllm_config, prefix=prefix)
             finally:
-                setattr(module, layer_name, layer_base)
+                module.make_layers = make_layers
 
     DiEPModel.__name__ = DiEPModel.__qualname__ = architecture(model_type)
     return DiEPModel
