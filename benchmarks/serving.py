@@ -143,6 +143,12 @@ def report(results: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {name} | {label} | {entry['experts']} | {'yes' if entry['equal'] else 'NO'} | "
                          f"{v['load_s']:.1f} | {v['tokens_per_s']:.0f} | {v['peak_rss_mb']:.0f} |")
+    for name, variants in results["models"].items():
+        errors = {v.get("vllm", {}).get("error", "") for v in variants.values()}
+        if any("Unsupported CPU attention" in e for e in errors):
+            lines += ["", f"{name}: vLLM's CPU attention kernel refuses its head size, for the stock model too, so it "
+                          "cannot be served on a CPU; `tests/test_vllm.py` checks the plugin for its family on a "
+                          "random model with head size 32."]
     lines += ["", MARK_END]
     return "\n".join(lines)
 
