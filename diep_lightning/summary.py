@@ -12,6 +12,8 @@ from typing import Any
 #: Warnings that describe this project's design, not a problem of the user's run.
 _BY_DESIGN = (
     r".*does not have a `validation_step`.*",  # the search has no validation loop
+    r".*have no `validation_step`.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning, not ours to fix
     r".*module\(s\) in eval mode.*",  # the frozen model stays in eval mode on purpose (deterministic routing)
     r".*`training_step` returned `None`.*",  # baselines only collect statistics
     r".*LightningCLI's args parameter.*",
@@ -37,11 +39,14 @@ def quiet() -> None:
     for pattern in _BY_DESIGN:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_Drop("Tip:"))
+        logging.getLogger(name).addFilter(_Drop("Tip:", "to estimate number of stepping batches"))
     # calibration documents are tokenized whole and then cut into windows, so long documents are expected
     logging.getLogger("transformers.tokenization_utils_base").addFilter(_Drop("Token indices sequence length"))
     for name in ("lm_eval", "lm-eval", "lm_eval.api.task", "lm_eval.evaluator"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # the kit hands lm-eval a model object on purpose (one process, the run's own model)
+    logging.getLogger("lm_eval.models.huggingface").addFilter(
+        _Drop("is not of type `str`", "Passed an already-initialized model"))
     try:  # per-file progress bars of datasets (one per BLiMP paradigm) and of transformers' weight loading
         import datasets
         import transformers
