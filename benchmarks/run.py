@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.serving import MARK_BEGIN, MARK_END
+
 REPO = Path(__file__).resolve().parents[1]
 
 TASKS = ["kit_wikitext2", "kit_blimp", "kit_arc_easy", "kit_piqa", "kit_hellaswag", "kit_copa", "kit_lambada"]
@@ -443,9 +445,8 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
     lines += ["What was tried to make DiEP stronger, with what it gave: [TUNING.md](TUNING.md).", ""]
     previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else ""
     serving = ""  # the serving section comes from benchmarks/serving.py (another venv); keep it
-    if "<!-- serving:begin -->" in previous and "<!-- serving:end -->" in previous:
-        serving = previous[previous.index("<!-- serving:begin -->"): previous.index("<!-- serving:end -->")]
-        serving = "\n" + serving + "<!-- serving:end -->\n"
+    if MARK_BEGIN in previous and MARK_END in previous:
+        serving = "\n" + previous[previous.index(MARK_BEGIN): previous.index(MARK_END) + len(MARK_END)] + "\n"
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n" + serving)
 
 

@@ -18,7 +18,7 @@ from diep_lightning.export import apply_plan, export_pruned, size_report
 from diep_lightning.export_dir import check_export_dir, protected_paths
 from diep_lightning.pipeline import select
 from diep_lightning.callbacks.step import pruning_steps
-from diep_lightning.pruning import PruningPlan, check_budget, check_sparsity, select_experts
+from diep_lightning.pruning import PruningPlan, check_budget, check_sparsity
 
 
 class GlobalExpertPruning(Callback):
@@ -74,12 +74,9 @@ class GlobalExpertPruning(Callback):
             check_export_dir(self._target(trainer), self.overwrite, protected_paths(getattr(pl_module, "model_path", None)))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the budget the final selection will check, now that every layer's size is known
         blocks = pl_module.blocks
-        # the same selection as at the end, on dummy scores: a sparsity that cannot be met fails now
-        import torch
-
-        select_experts([torch.zeros(b.num_experts) for b in blocks], self.sparsity, [b.top_k for b in blocks],
-                       self.mode)
+        check_budget(self.sparsity, [b.num_experts for b in blocks], [b.top_k for b in blocks], self.mode)
         if hasattr(pl_module, "check_pruning"):
             pl_module.check_pruning(self.sparsity, self.mode)
 

@@ -100,14 +100,18 @@ def _plot(plan: PruningPlan, spec_counts: list[int], directory: Path, method: st
         grid[i, : len(row)] = torch.tensor(row)
     fig, ax = plt.subplots(figsize=(max(6.4, 0.22 * width + 3), max(4, 0.3 * len(plan.scores) + 1.5)))
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    labelled = False
     for layer, removed in enumerate(plan.removed):
-        ax.scatter(removed, [layer] * len(removed), marker="x", color="red", s=18, label="removed" if layer == 0 else None)
+        if removed:
+            ax.scatter(removed, [layer] * len(removed), marker="x", color="red", s=18,
+                       label=None if labelled else "removed")
+            labelled = True
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("expert (original id)")
     ax.set_ylabel("MoE layer")
     ax.set_title("Expert scores (higher = kept); x = removed")
-    if any(plan.removed):
+    if labelled:
         ax.legend(loc="upper right", fontsize=8)
     label = "DiEP score (alpha x beta)" if method.lower() == "diep" else f"{method} score"
     fig.colorbar(image, ax=ax, label=label)

@@ -46,7 +46,8 @@ def check_export_dir(target: str | os.PathLike, overwrite: bool, protected: Iter
         NotADirectoryError / PermissionError: the target cannot be created.
     """
     final = Path(target).expanduser().resolve()
-    for folder in [*protected, *([shipped_models_dir()] if shipped_models_dir() else [])]:
+    shipped = shipped_models_dir()
+    for folder in [*protected, *([shipped] if shipped else [])]:
         folder = Path(folder).resolve()
         if final == folder:
             relation = "is"

@@ -100,7 +100,7 @@ def load_model(model_name_or_path: str, *, dtype: str | torch.dtype | None = Non
     try:
         model, info = cls.from_pretrained(model_name_or_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
                                           output_loading_info=True, **kwargs)
-    except (OSError, EnvironmentError) as err:
+    except OSError as err:
         if getattr(err, "errno", None) is not None:
             raise  # an environment fault (disk, permissions), reported as such
         raise ValueError(f"{argument}: cannot read the weights in {model_name_or_path} ({_first_line(err)}); the "
