@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    ids = torch.tensor(tokenizer(tune.DATA.read_text()[:400_000])["input_ids"][:32768])
+    ids = torch.tensor(tokenizer(tune.wikitext_test().read_text()[:400_000])["input_ids"][:32768])
     module, datamodule = bench.search(args.model, "diep", args, data_seed=42)
     scores = module.expert_scores()
     result: dict[str, Any] = {"model": Path(args.model).name}
