@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.sections import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["The history of the city", "In the morning the", "Scientists have found that", "She said that he",
            "The best way to", "When the war ended"]
-MARK_BEGIN, MARK_END = "<!-- serving:begin -->", "<!-- serving:end -->"
 
 
 def prompt_ids(model_dir: str, count: int) -> list[list[int]]:
@@ -90,7 +91,7 @@ def make_exports(model_dir: str, out: Path, epochs: int) -> dict[str, str]:
     from diep_lightning.data import CalibrationDataModule
     from diep_lightning.export import export_pruned
     from diep_lightning.loading import load_model, load_tokenizer
-    from diep_lightning.module import DiEPModule
+    from diep_lightning.methods import DiEPModule
     from diep_lightning.pipeline import prune
 
     module = DiEPModule(model_dir)
@@ -128,7 +129,7 @@ def run_child(path: str, prompts: list[list[int]], new_tokens: int, engine: str)
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = [MARK_BEGIN, "## Serving in vLLM (CPU)", "",
+    lines = ["## Serving in vLLM (CPU)", "",
              f"Measured by: `{results['command']}` on {results['machine']}, vLLM {results['vllm']}. Greedy tokens: "
              f"{results['prompts']} prompts x {results['new_tokens']} tokens, vLLM against transformers on the same "
              f"prompt ids; tokens/s: {results['batch']} prompts decoded together (best of 3); memory: peak resident "
@@ -149,18 +150,7 @@ def report(results: dict[str, Any]) -> str:
             lines += ["", f"{name}: vLLM's CPU attention kernel refuses its head size, for the stock model too, so it "
                           "cannot be served on a CPU; `tests/test_vllm.py` checks the plugin for its family on a "
                           "random model with head size 32."]
-    lines += ["", MARK_END]
     return "\n".join(lines)
-
-
-def write_section(results_md: Path, section: str) -> None:
-    """Put the serving section into RESULTS.md, replacing an earlier one."""
-    text = results_md.read_text() if results_md.is_file() else ""
-    if MARK_BEGIN in text and MARK_END in text:
-        text = text[: text.index(MARK_BEGIN)] + section + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    results_md.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -202,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(results, indent=2))
     if args.results:
-        write_section(Path(args.results), report(results))
+        write_section(Path(args.results), "serving", report(results))
     return results
 
 

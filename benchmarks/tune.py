@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["full_ppl"] = round(token_perplexity(AutoModelForCausalLM.from_pretrained(args.model), ids), 2)
     for mode in args.modes.split(","):
         for sparsity in (0.25, 0.5):
-            model, plan, _, _ = bench.prune(args.model, module.expert_scores(sparsity=sparsity, mode=mode), sparsity, mode)
+            if args.method == "naee":  # its subset size is its own argument: one pass per sparsity
+                module, _ = bench.search(args.model, "naee", args, naee_keep=bench.naee_keep(args.model, sparsity))
+                module.check_pruning(sparsity, mode)
+            model, plan, _, _ = bench.prune(args.model, module.expert_scores(), sparsity, mode)
             result[f"{mode}_{int(sparsity * 100)}_ppl"] = round(token_perplexity(model, ids), 2)
             result[f"{mode}_{int(sparsity * 100)}_kept"] = [len(k) for k in plan.kept]
     if args.method == "diep":

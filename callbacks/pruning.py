@@ -14,8 +14,10 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from diep_lightning.export import apply_plan, export_pruned, size_report
+from diep_lightning.export import export_pruned
+from diep_lightning.removal import apply_plan, size_report
 from diep_lightning.export_dir import check_export_dir, protected_paths
+from diep_lightning.frozen_moe import FrozenMoEModule
 from diep_lightning.pipeline import select
 from diep_lightning.callbacks.step import pruning_steps
 from diep_lightning.pruning import PruningPlan, check_budget, check_sparsity
@@ -33,12 +35,12 @@ class GlobalExpertPruning(Callback):
         overwrite: replace an existing ``export_dir`` that is itself a previous export (has ``pruning.json``);
             anything else that exists is an error.
         export: write the export (False: prune in memory only, e.g. for a benchmark that evaluates directly).
-        method: name recorded in the model card and ``pruning.json``.
+        method: name recorded in the model card and ``pruning.json`` (default: the module's ``method_name``).
     """
 
     def __init__(self, sparsity: float = 0.5, mode: Literal["global", "uniform"] = "global",
                  export_dir: str | None = None, overwrite: bool = False, export: bool = True,
-                 method: str = "DiEP") -> None:
+                 method: str | None = None) -> None:
         super().__init__()
         self.sparsity = check_sparsity(sparsity)
         if mode not in ("global", "uniform"):
@@ -57,9 +59,9 @@ class GlobalExpertPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Everything that can be checked before the model loads: the module, the epochs, the sparsity
         against the config's expert count and top-k, and the export directory against the source model."""
-        if not hasattr(pl_module, "expert_scores") or not hasattr(pl_module, "family"):
-            raise TypeError("GlobalExpertPruning: the LightningModule must provide expert_scores() and family "
-                            "(use DiEPModule or a baseline module)")
+        if not isinstance(pl_module, FrozenMoEModule):
+            raise TypeError("GlobalExpertPruning: the LightningModule must be a FrozenMoEModule (DiEPModule, "
+                            "BaselineModule or a subclass)")
         if stage != "fit":
             return
         if trainer.max_epochs == 0 or trainer.max_steps == 0:
@@ -77,8 +79,7 @@ class GlobalExpertPruning(Callback):
         # the budget the final selection will check, now that every layer's size is known
         blocks = pl_module.blocks
         check_budget(self.sparsity, [b.num_experts for b in blocks], [b.top_k for b in blocks], self.mode)
-        if hasattr(pl_module, "check_pruning"):
-            pl_module.check_pruning(self.sparsity, self.mode)
+        pl_module.check_pruning(self.sparsity, self.mode)
 
     def _target(self, trainer: pl.Trainer) -> Path:
         if self.export_dir is not None:
@@ -92,7 +93,7 @@ class GlobalExpertPruning(Callback):
             return
         if getattr(pl_module, "device_mesh", None) is None and not trainer.is_global_zero:
             return  # DDP: every rank holds the same scores; rank 0 prunes and exports
-        scores = pl_module.expert_scores(sparsity=self.sparsity, mode=self.mode)
+        scores = pl_module.expert_scores()
         check_finite_scores(scores)
         model = pl_module.release_model()
         if model is None:  # non-zero ranks of a sharded run: rank 0 prunes and exports
@@ -111,7 +112,7 @@ class GlobalExpertPruning(Callback):
         self.sizes = {"before": original, "after": after}
         self._log_summary(trainer, plan, original, after)
         if self.export:
-            method = self.method if getattr(pl_module, "scorer", None) is None else pl_module.hparams.method
+            method = self.method or pl_module.method_name
             path, figures = export_pruned(model, plan, self._target(trainer), source=pl_module.model_path,
                                           original=original, tokenizer=pl_module.load_tokenizer(),
                                           overwrite=self.overwrite, method=method)

@@ -9,7 +9,7 @@ import torch
 
 from diep_lightning.callbacks.step import PruningStep
 from diep_lightning.data import first_batches
-from diep_lightning.pruning import PruningPlan
+from diep_lightning.pruning import PruningPlan, SkipRecord
 from diep_lightning.skipping import calibrate_skipping
 
 
@@ -51,9 +51,9 @@ class SkipCalibration(PruningStep):
             raise ValueError(f"SkipCalibration: skipping needs top-k >= 2 routing, MoE layers {low} route top-1; "
                              "drop the SkipCalibration callback for this model")
 
-    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any) -> dict[str, Any]:
+    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any) -> SkipRecord:
         """Compute and install the thresholds on ``model`` (:func:`diep_lightning.skipping.calibrate_skipping`);
-        return what goes into ``pruning.json``."""
+        return the record that goes into the plan and ``pruning.json``."""
         batches = first_batches(trainer.datamodule, self.num_batches)
         skipping = calibrate_skipping(model, batches, self.max_tokens, self.renormalize)
         self.hooks = skipping.hooks
@@ -70,7 +70,7 @@ class SkipCalibration(PruningStep):
 
     def on_experts_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                            plan: PruningPlan) -> None:
-        plan.extra.update(self.calibrate(trainer, pl_module, model))
+        plan.skipping = self.calibrate(trainer, pl_module, model)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from diep_lightning.callbacks.pruning import GlobalExpertPruning

@@ -24,7 +24,7 @@ class PruningStep(Callback):
 
     def on_experts_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                            plan: PruningPlan) -> None:
-        """The model is pruned in memory (skipping calibrates here and records its thresholds in ``plan.extra``)."""
+        """The model is pruned in memory (skipping calibrates here and records its thresholds in ``plan.skipping``)."""
 
     def on_pruned_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                          export_dir: Path) -> None:

@@ -37,16 +37,17 @@ hub's shard order). Train samples do not depend on ``val_samples``.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from diep_lightning.loading import load_tokenizer
+from diep_lightning.documents import BUNDLED_C4_PATH, check_source, iter_c4, local_documents, normalize_sources
 
 __all__ = [
     "BUNDLED_C4_PATH",
@@ -56,56 +57,8 @@ __all__ = [
     "sample_calibration_splits",
 ]
 
-BUNDLED_C4_PATH = Path(__file__).resolve().parent / "assets" / "c4_en_train_sample256.jsonl"
-_TEXT_SUFFIXES = (".jsonl", ".txt")
 _SAMPLINGS = ("concat", "document")
 _C4_MAX_DOCS = 200_000
-
-
-# --------------------------------------------------------------------------------------------------
-# argument checks (cheap: no file is read)
-# --------------------------------------------------------------------------------------------------
-def _offline() -> bool:
-    return any(
-        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def _normalize_sources(sources: Sequence[str] | str) -> list[str]:
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    sources = [os.fspath(s) for s in sources]
-    if not sources:
-        raise ValueError("sources: empty list; give at least one source, e.g. sources='bundled'")
-    return sources
-
-
-def _check_source(src: str, i: int) -> None:
-    tag = f"sources[{i}]={src!r}"
-    if src == "bundled":
-        if not BUNDLED_C4_PATH.is_file():
-            raise FileNotFoundError(f"{tag}: the bundled sample {BUNDLED_C4_PATH} is missing; reinstall diep_lightning")
-        return
-    if src == "c4":
-        if _offline():
-            raise ValueError(
-                f"{tag}: 'c4' streams allenai/c4 from the Hugging Face hub but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE "
-                "is set; use 'bundled' or a local .jsonl/.txt path"
-            )
-        return
-    path = Path(src).expanduser()
-    if path.is_dir():
-        if not any(p.is_file() and p.suffix in _TEXT_SUFFIXES for p in path.rglob("*")):
-            raise FileNotFoundError(f"{tag}: directory has no .jsonl or .txt files; add some or point to another source")
-        return
-    if path.suffix in _TEXT_SUFFIXES:
-        if not path.is_file():
-            raise FileNotFoundError(f"{tag}: file not found; fix the path (relative paths resolve from {os.getcwd()})")
-        return
-    raise ValueError(
-        f"{tag}: unknown source; use 'bundled', 'c4', a .jsonl file, a .txt file or a directory of those"
-    )
 
 
 def _check_args(
@@ -127,9 +80,9 @@ def _check_args(
         raise ValueError(f"sampling must be one of {list(_SAMPLINGS)}, got {sampling!r}")
     if not isinstance(text_field, str) or not text_field:
         raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
-    srcs = _normalize_sources(sources)
+    srcs = normalize_sources(sources)
     for i, src in enumerate(srcs):
-        _check_source(src, i)
+        check_source(src, i)
     if weights is None:
         w = [1.0] * len(srcs)
     else:
@@ -157,101 +110,6 @@ def _allocate(n: int, weights: Sequence[float]) -> list[int]:
     for i in order[:rest]:
         counts[i] += 1
     return counts
-
-
-# --------------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path, text_field: str, tag: str) -> list[str]:
-    docs: list[str] = []
-    n_rows = 0
-    for lineno, line in enumerate(_read_text(path, tag).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{tag}: {path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
-        n_rows += 1
-        if not isinstance(row, dict) or text_field not in row:
-            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-            hint = ""
-            if isinstance(row, dict):
-                str_fields = [k for k, v in row.items() if isinstance(v, str)]
-                if str_fields:
-                    hint = f"; set text_field={str_fields[0]!r}"
-            raise ValueError(
-                f"text_field={text_field!r} not found in {path} line {lineno} (fields: {fields}){hint or '; set text_field to the field holding the text'}"
-            )
-        text = row[text_field]
-        if text is None:
-            continue
-        if not isinstance(text, str):
-            raise ValueError(
-                f"text_field={text_field!r} in {path} line {lineno} holds a {type(text).__name__}, not a string; choose a text field"
-            )
-        if text.strip():
-            docs.append(text)
-    if n_rows == 0:
-        raise ValueError(f"{tag}: file {path} is empty (no JSON lines); remove it from sources or add text")
-    if not docs:
-        raise ValueError(f"{tag}: file {path} has {n_rows} rows but every {text_field!r} is empty; remove it from sources")
-    return docs
-
-
-def _read_text(path: Path, tag: str) -> str:
-    """The file as UTF-8 text; one line naming the source when it is binary or in another encoding."""
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise ValueError(f"{tag}: a binary file, not text; give .jsonl or .txt files of UTF-8 text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{tag}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
-
-
-def _read_txt(path: Path, tag: str) -> list[str]:
-    text = _read_text(path, tag)
-    if not text.strip():
-        raise ValueError(f"{tag}: file {path} is empty (no text); remove it from sources or add text")
-    return [text]
-
-
-def _read_file(path: Path, text_field: str, tag: str) -> list[str]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, text_field, tag)
-    return _read_txt(path, tag)
-
-
-def _local_documents(src: str, text_field: str, tag: str) -> list[str]:
-    if src == "bundled":
-        return _read_jsonl(BUNDLED_C4_PATH, "text", tag)
-    path = Path(src).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)
-        docs: list[str] = []
-        for f in files:
-            docs.extend(_read_file(f, text_field, tag))
-        return docs
-    return _read_file(path, text_field, tag)
-
-
-def _iter_c4(seed: int) -> Iterable[str]:
-    try:
-        from datasets import load_dataset
-
-        ds = load_dataset("allenai/c4", "en", split="train", streaming=True)
-        ds = ds.shuffle(seed=seed, buffer_size=2_000)
-        for row in ds:
-            text = row.get("text") or ""
-            if text.strip():
-                yield text
-    except Exception as e:  # network / hub errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
-            f"sources: could not stream allenai/c4 ({type(e).__name__}: {first}); check the network or use 'bundled' / a local file"
-        ) from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +197,7 @@ def _c4_doc_ids(tokenizer: Any, seed: int, need_tokens: int, need_docs: int, seq
             long_docs += len(ids) >= seq_len
         buf.clear()
 
-    for n, text in enumerate(_iter_c4(seed)):
+    for n, text in enumerate(iter_c4(seed)):
         buf.append(text)
         if len(buf) >= 256:
             flush()
@@ -396,7 +254,7 @@ def sample_calibration_splits(
         if src == "c4":
             doc_ids = _c4_doc_ids(tokenizer, seed + i, sum(counts) * seq_len, sum(counts), seq_len, sampling)
         else:
-            doc_ids = _encode(tokenizer, _local_documents(src, text_field, tag))
+            doc_ids = _encode(tokenizer, local_documents(src, text_field, tag))
         if sampling == "concat":
             wins = _windows_concat(doc_ids, counts, seq_len, rng, sep, tag)
         else:
@@ -441,24 +299,11 @@ def load_calibration_tokens(
     """
     _check_args(sources, weights, num_samples, seq_len, seed, sampling, text_field)
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load_tokenizer(os.fspath(tokenizer))
+        tokenizer = load_tokenizer(os.fspath(tokenizer), required=True)
     (train,) = sample_calibration_splits(
         tokenizer, sources, weights, (num_samples,), seq_len, seed, text_field, sampling
     )
     return train
-
-
-def _load_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
-            f"tokenizer: could not load a tokenizer from {name!r} ({type(e).__name__}: {first[:160]}); save the "
-            "tokenizer files (tokenizer.json, tokenizer_config.json) with the model or set data.tokenizer"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,6 +350,7 @@ class CalibrationDataModule(L.LightningDataModule):
         sampling: ``"concat"`` (disjoint random windows of the concatenated documents) or
             ``"document"`` (GPTQ-style: random window of a random document with >= ``seq_len`` tokens).
         shuffle: Shuffle the training loader each epoch (seeded).
+        trust_remote_code: passed to ``AutoTokenizer`` (the CLI links it to the model's).
     """
 
     def __init__(
@@ -521,8 +367,10 @@ class CalibrationDataModule(L.LightningDataModule):
         text_field: str = "text",
         sampling: str = "concat",
         shuffle: bool = True,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
+        self.trust_remote_code = bool(trust_remote_code)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}; set batch_size >= 1")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -568,7 +416,7 @@ class CalibrationDataModule(L.LightningDataModule):
                 raise ValueError(
                     "tokenizer: none set; pass tokenizer=<path or hub name> or call datamodule.set_tokenizer(tok) before setup()"
                 )
-            self._tokenizer = _load_tokenizer(os.fspath(self.tokenizer_name))
+            self._tokenizer = load_tokenizer(os.fspath(self.tokenizer_name), self.trust_remote_code, required=True)
         return self._tokenizer
 
     # -- Lightning hooks ------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, req
     except Exception as err:  # tokenizers raises bare Exceptions with cut-off messages
         if not required:
             return None
-        raise ValueError(f"tokenizer: cannot load a tokenizer from {model_name_or_path!r} ({_first_line(err)}); save "
+        raise ValueError(f"tokenizer: could not load a tokenizer from {model_name_or_path!r} ({_first_line(err)}); save "
                          "the tokenizer files (tokenizer.json, tokenizer_config.json) with the model or point "
                          "data.tokenizer at a tokenizer directory") from None
 
@@ -158,11 +158,54 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False, req
 def load_causal_lm(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: Any = None,
                    trust_remote_code: bool = False) -> nn.Module:
     """Load any model this project reads or writes: a diep_lightning export (with its per-layer expert counts
-    and skipping, through :func:`diep_lightning.export.load_pruned`) or a plain transformers model."""
-    from diep_lightning.export import PRUNING_FILE, load_pruned
+    and skipping, through :func:`load_pruned`) or a plain transformers model."""
+    from diep_lightning.export_dir import PRUNING_FILE
 
     path = resolve_model_path(os.fspath(path))
     if (Path(path) / PRUNING_FILE).is_file():
         return load_pruned(path, dtype=dtype, device=device)
     model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, argument="model")
     return model.to(device) if device is not None else model
+
+
+def load_pruned(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, skipping: bool = True,
+                device: str | torch.device | None = None) -> nn.Module:
+    """Load a diep_lightning export as a transformers model (no remote code needed).
+
+    Args:
+        path: export directory.
+        dtype: weights' dtype (default: as saved).
+        skipping: re-install adaptive expert skipping when the export has calibrated gammas.
+        device: where to put the model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from diep_lightning.pruned_model import pruned_model_class
+    from diep_lightning.record import read_pruning_record
+    from diep_lightning.removal import is_uniform
+
+    path = Path(path)
+    record = read_pruning_record(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "auto_map"):  # load in-process, never through the export's remote code
+        del config.auto_map
+    spec = getattr(config, "diep_layers", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if spec and not is_uniform(spec):
+        model_cls = pruned_model_class(config)
+    else:
+        model_cls = AutoModelForCausalLM
+    model, info = model_cls.from_pretrained(path, config=config, dtype=dtype or "auto", output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ValueError(f"path: the weights in {path} do not match its recorded layout ({problems}); the export "
+                         "is incomplete or was modified; re-export it")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    if skipping:
+        from diep_lightning.skipping import install_skipping_from_record
+
+        install_skipping_from_record(model, record)
+    return model

@@ -1,6 +1,8 @@
 """Command-line entry point: ``python -m diep_lightning fit --config configs/tiny_mixtral.yaml``.
 
-One LightningCLI call. Callbacks (pruning, merging, skipping, lm-eval) come from the YAML's
+One LightningCLI call with ``subclass_mode_model=True``: the model is DiEP's search (:class:`DiEPModule`) unless
+``model.class_path`` (``--model=BaselineModule --model.method=reap``) names another method's module. The pruning
+callback has its own key ``prune:``; the others (merging, skipping, lm-eval) come from the YAML's
 ``trainer.callbacks`` or the command line (``--trainer.callbacks+=ExpertMerging``).
 
 Bad input ends the program with exit code 2 and one line, ``error: <argument>: <what is allowed>``, with no
@@ -20,7 +22,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from diep_lightning.data import CalibrationDataModule
 from diep_lightning.loading import fingerprint
-from diep_lightning.module import DiEPModule, check_same_model
+from diep_lightning.frozen_moe import FrozenMoEModule, check_same_model
+from diep_lightning.methods import BaselineModule, DiEPModule  # noqa: F401  (short names for --model=)
 
 #: Exceptions that mean "the user asked for something that cannot work" (one line, exit 2).
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
@@ -38,7 +41,9 @@ class DiEPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         from diep_lightning.callbacks import GlobalExpertPruning
 
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.set_defaults({"model": {"class_path": f"{DiEPModule.__module__}.{DiEPModule.__name__}"}})
+        parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.init_args.trust_remote_code", "data.trust_remote_code")
         # The pruning callback has its own top-level key, so `--prune.sparsity=0.25 --prune.mode=uniform` reach it
         # whatever else is in trainer.callbacks (`--trainer.callbacks.X` only reaches the last callback listed).
         # `--prune=null` drops it; a subclass of GlobalExpertPruning may be given by class path.
@@ -64,7 +69,7 @@ class DiEPCLI(LightningCLI):
         if not ckpt_path:
             return super()._parse_ckpt_path()
         recorded = read_checkpoint_identity(ckpt_path)
-        given = self.config[subcommand].get("model.model_name_or_path")
+        given = self.config[subcommand].get("model.init_args.model_name_or_path")
         super()._parse_ckpt_path()
         saved = recorded.get("model_name_or_path")
         if given and saved and Path(str(given)).expanduser().resolve() != Path(str(saved)).expanduser().resolve():
@@ -101,11 +106,11 @@ def read_checkpoint_identity(ckpt_path: str) -> dict[str, Any]:
 def _innermost_message(err: BaseException) -> str:
     """One line for the user: the deepest cause's first line (the project's own ``argument: ...`` message),
     prefixed with the parser key it was given for when the message does not name one itself."""
-    key = None
+    keys: list[str] = []  # nested parser keys, outermost first: "model" then "method" -> "model.method"
     while True:
         found = _PARSER_KEY.search(str(err))
-        if found and key is None:
-            key = found.group(1)
+        if found and (not keys or keys[-1] != found.group(1)):
+            keys.append(found.group(1))
         nxt = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
         if nxt is None or not isinstance(nxt, Exception):
             break
@@ -114,8 +119,8 @@ def _innermost_message(err: BaseException) -> str:
     if isinstance(err, KeyError):
         text = text.strip("'\"")
     text = _PARSER_KEY.sub("", text.splitlines()[0]).strip() or text.splitlines()[0]
-    if key and not _NAMES_ARGUMENT.match(text):
-        text = f"{key}: {text}"
+    if keys and not _NAMES_ARGUMENT.match(text):
+        text = f"{'.'.join(keys)}: {text}"
     return text
 
 
@@ -128,8 +133,9 @@ def cli(args: list[str] | None = None) -> DiEPCLI:
     import diep_lightning.callbacks  # noqa: F401  (registers the callbacks for short names on the CLI)
 
     return DiEPCLI(
-        DiEPModule,
+        FrozenMoEModule,
         CalibrationDataModule,
+        subclass_mode_model=True,
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diep_lightning.export import apply_plan, size_report
+from diep_lightning.removal import apply_plan, size_report
 from diep_lightning.families import get_family
 from diep_lightning.merging import GroupFn, plan_merges
 from diep_lightning.pruning import PruningPlan, select_experts
@@ -60,5 +60,5 @@ def prune(model: nn.Module, scores: Sequence[torch.Tensor] | None, sparsity: flo
     skipping = None
     if skip:
         skipping = calibrate_skipping(model, batches, skip_max_tokens, skip_renormalize)
-        plan.extra.update(skipping.record())
+        plan.skipping = skipping.record()
     return Pruned(model=model, plan=plan, before=before, after=size_report(model), skipping=skipping)

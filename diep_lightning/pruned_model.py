@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+from typing import Any
 
 import torch
 
@@ -78,7 +79,8 @@ def install_recorded_skipping(model, path):
         return
     with open(record_path, encoding="utf-8") as fh:
         record = json.load(fh)
-    if not record.get("plan", {{}}).get("extra", {{}}).get("skip_gammas"):
+    plan = record.get("plan") or {{}}
+    if not (plan.get("skipping") or (plan.get("extra") or {{}}).get("skip_gammas")):
         return
     try:
         from diep_lightning.skipping import install_skipping_from_record
@@ -110,3 +112,22 @@ def modeling_file_source(base_cls: type, block_attr: str, router_attr: str) -> s
         base_module=base_cls.__module__, base_class=base_cls.__name__, block_attr=block_attr,
         router_attr=router_attr, shrink_source=textwrap.dedent(inspect.getsource(shrink_to_layout)),
     )
+
+
+def pruned_model_class(config: Any) -> type:
+    """The stock ``*ForCausalLM`` class of ``config``, subclassed to shrink its layers to ``config.diep_layers``
+    before weights load (the in-process twin of the export's ``modeling_diep.py``)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from diep_lightning.families import get_family
+
+    base_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    family = get_family(config)
+
+    class DiEPPruned(base_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            shrink_to_layout(self, config.diep_layers, family.block_attr, family.router_attr)
+
+    DiEPPruned.__name__ = DiEPPruned.__qualname__ = f"DiEPPruned{base_cls.__name__}"
+    return DiEPPruned

@@ -53,6 +53,38 @@ def check_budget(sparsity: float, sizes: Sequence[int], top_k: Sequence[int], mo
 
 
 @dataclass
+class SkipRecord:
+    """Calibrated adaptive skipping, as an export records it so that loading re-installs it.
+
+    Attributes:
+        gammas: per MoE block index, the (N, N) thresholds over its kept experts (``gammas[b][e0][e]``).
+        renormalize: whether surviving weights are rescaled to their original sum when a slot is skipped.
+        skipped_fraction: per MoE block index, the share of chosen expert slots skipped on calibration tokens.
+    """
+
+    gammas: dict[int, list[list[float]]]
+    renormalize: bool = False
+    skipped_fraction: dict[int, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gammas": {str(k): v for k, v in self.gammas.items()}, "renormalize": self.renormalize,
+                "skipped_fraction": {str(k): v for k, v in self.skipped_fraction.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SkipRecord:
+        return cls(gammas={_block_key(k): v for k, v in (data.get("gammas") or {}).items()},
+                   renormalize=bool(data.get("renormalize", False)),
+                   skipped_fraction={_block_key(k): float(v) for k, v in (data.get("skipped_fraction") or {}).items()})
+
+
+def _block_key(key: Any) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"skipping: MoE layer key {key!r} is not an integer") from None
+
+
+@dataclass
 class PruningPlan:
     """Experts to remove per MoE block, with the scores that chose them.
 
@@ -63,7 +95,7 @@ class PruningPlan:
         sparsity: requested fraction of routed experts removed.
         mode: "global" or "uniform".
         merges: per block, ``{survivor: {"members": [...], "weights": [...]}}`` if pruned experts were merged.
-        extra: per-block data other callbacks add (e.g. skipping gammas).
+        skipping: the calibrated skipping installed after removal, if any.
     """
 
     removed: list[list[int]]
@@ -72,7 +104,7 @@ class PruningPlan:
     sparsity: float
     mode: str
     merges: list[dict[int, dict[str, list[float]]]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    skipping: SkipRecord | None = None
 
     @property
     def num_removed(self) -> int:
@@ -81,13 +113,25 @@ class PruningPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"removed": self.removed, "kept": self.kept, "scores": self.scores, "sparsity": self.sparsity,
                 "mode": self.mode, "merges": [{str(k): v for k, v in m.items()} for m in self.merges],
-                "extra": self.extra}
+                "skipping": self.skipping.to_dict() if self.skipping is not None else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
         merges = [{int(k): v for k, v in m.items()} for m in data.get("merges", [])]
         return cls(removed=data["removed"], kept=data["kept"], scores=data["scores"], sparsity=data["sparsity"],
-                   mode=data["mode"], merges=merges, extra=data.get("extra", {}))
+                   mode=data["mode"], merges=merges, skipping=recorded_skipping(data))
+
+
+def recorded_skipping(plan: dict[str, Any]) -> SkipRecord | None:
+    """The skipping in a serialized plan (``pruning.json``'s ``plan``), None without it. Reads format 1's
+    ``extra.skip_*`` keys too."""
+    if plan.get("skipping"):
+        return SkipRecord.from_dict(plan["skipping"])
+    extra = plan.get("extra") or {}
+    if extra.get("skip_gammas"):
+        return SkipRecord.from_dict({"gammas": extra["skip_gammas"], "renormalize": extra.get("skip_renormalize"),
+                                     "skipped_fraction": extra.get("skip_fraction")})
+    return None
 
 
 def select_experts(scores: Sequence[torch.Tensor], sparsity: float, top_k: Sequence[int],

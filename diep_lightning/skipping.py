@@ -5,11 +5,12 @@ For a token whose top expert is e0, another chosen expert e is skipped when ``w_
 with ``gamma = gamma1 * gamma2``: gamma1 is the median of ``w_e / w_e0`` over calibration tokens (for top-k > 2
 every non-top choice is compared with the top one), and ``gamma2(e0, e) = CKA(e0, e) / mean pairwise CKA``
 (experts that compute alike are skipped more readily). Skipped slots are routed to a sentinel index that the
-experts forward never computes, so the work really disappears.
+experts forward never computes, so the work really disappears (:func:`install_skipping`).
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from torch import nn
 
 from diep_lightning.calibration import BlockObservation, cka_matrix, expert_outputs, observe_blocks
 from diep_lightning.families import MoEBlock, MoEFamily, get_family
+from diep_lightning.families.base import HookGroup
+from diep_lightning.pruning import SkipRecord, recorded_skipping
 
 
 def gamma1(observation: BlockObservation) -> float:
@@ -43,11 +46,105 @@ def calibrate_block(family: MoEFamily, block: MoEBlock, observation: BlockObserv
     return {"gamma1": g1, "mean_cka": mean_cka, "gamma": gamma}
 
 
-def install_skipping(model: nn.Module, gammas: dict[int, torch.Tensor], renormalize: bool = False) -> Any:
-    """Install skipping with the given (N, N) thresholds per MoE block; returns the hook group (``.stats``
-    counts skipped and total expert slots per block)."""
+class _SkipState:
+    """What one experts module needs to skip: its thresholds (cast once per device and dtype), the options, and
+    device-side counters that are only updated while statistics are asked for."""
+
+    def __init__(self, group: InstalledSkipping, gamma: torch.Tensor, renormalize: bool, sentinel: bool) -> None:
+        self.group, self.gamma, self.renormalize, self.sentinel = group, gamma, renormalize, sentinel
+        self.cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.skipped: torch.Tensor | int = 0
+        self.total = 0
+
+    def thresholds(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in self.cast:
+            self.cast[key] = self.gamma.to(like.device, like.dtype)
+        return self.cast[key]
+
+
+def _skipping_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                      *rest: Any) -> torch.Tensor:
+    """The experts forward with skipping (bound to one experts module): skipped slots get the sentinel id N and
+    weight 0, and the family's own experts implementation (grouped_mm, eager) leaves sentinel rows uncomputed.
+
+    No host synchronisation: the mask, the rewrite and the optional counters all stay on the device."""
+    stock = type(self).forward
+    state: _SkipState = self.diep_skip
+    if not state.group.enabled:
+        return stock(self, hidden, top_k_index, top_k_weights, *rest)
+    w, idx = top_k_weights, top_k_index
+    top = w.argmax(dim=-1, keepdim=True)
+    skip = w < state.thresholds(w)[idx.gather(-1, top).expand_as(idx), idx] * w.gather(-1, top)
+    skip.scatter_(-1, top, False)
+    if state.group.counting:
+        state.skipped = state.skipped + skip.sum()
+        state.total += skip.numel()
+    new_w = w.masked_fill(skip, 0.0)
+    if state.renormalize:
+        new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
+    if not state.sentinel:  # weight 0 only: exact, but the slot is still computed
+        return stock(self, hidden, idx, new_w, *rest)
+    previous = self._is_expert_parallel
+    self._is_expert_parallel = True  # the experts implementations leave sentinel slots uncomputed
+    try:
+        return stock(self, hidden, idx.masked_fill(skip, self.num_experts), new_w, *rest)
+    finally:
+        self._is_expert_parallel = previous
+
+
+class InstalledSkipping(HookGroup):
+    """Skipping installed on a model's experts modules: ``remove()``, ``disabled()``, and statistics on request.
+
+    Attributes:
+        counting: while True, every call adds its skipped and total slots to :attr:`stats` (off by default: no
+            work beyond the skipping itself).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counting = False
+        self.modules: dict[int, nn.Module] = {}
+
+    @property
+    def stats(self) -> dict[int, list[int]]:
+        """Per MoE block index: [skipped slots, all slots] counted while :attr:`counting` was on."""
+        return {i: [int(m.diep_skip.skipped), m.diep_skip.total] for i, m in self.modules.items()}
+
+    def clear_stats(self) -> None:
+        for module in self.modules.values():
+            module.diep_skip.skipped, module.diep_skip.total = 0, 0
+
+    def remove(self) -> None:
+        """Restore the stock experts forward everywhere."""
+        for module in self.modules.values():
+            del module.forward, module.diep_skip
+        self.modules.clear()
+
+
+def install_skipping(model: nn.Module, gammas: dict[int, torch.Tensor], renormalize: bool = False,
+                     count: bool = False) -> InstalledSkipping:
+    """Install skipping with the given (N, N) thresholds per MoE block (blocks without an entry are untouched).
+
+    For each token the top-weighted chosen expert e0 always runs; another chosen expert e runs only if
+    ``w_e >= gamma[e0, e] * w_e0``. ``count`` turns the statistics on from the start."""
     family = get_family(model)
-    return family.install_skipping(family.blocks(model), gammas, renormalize=renormalize)
+    group = InstalledSkipping()
+    group.counting = count
+    implementation = getattr(model.config, "_experts_implementation", None)
+    sentinel = family.eager_skips_sentinel or implementation not in (None, "eager")
+    for block in family.blocks(model):
+        if block.index not in gammas:
+            continue
+        if block.top_k < 2:
+            raise ValueError(f"gammas: skipping needs top-k >= 2, block {block.index} routes top-{block.top_k}")
+        module = block.experts
+        if hasattr(module, "diep_skip"):
+            raise ValueError(f"gammas: MoE block {block.index} already has skipping installed; remove it first")
+        module.diep_skip = _SkipState(group, torch.as_tensor(gammas[block.index]), renormalize, sentinel)
+        module.forward = types.MethodType(_skipping_forward, module)
+        group.modules[block.index] = module
+    return group
 
 
 @dataclass
@@ -56,7 +153,7 @@ class Skipping:
 
     Attributes:
         gammas: per MoE block, the (N, N) thresholds.
-        hooks: the installed hook group (``hooks.remove()`` uninstalls skipping).
+        hooks: the installed skipping (``hooks.remove()`` uninstalls it).
         skipped_fraction: per MoE block, the share of chosen expert slots skipped on the calibration tokens.
         renormalize: whether surviving weights are rescaled when a slot is skipped.
     """
@@ -66,11 +163,10 @@ class Skipping:
     skipped_fraction: dict[int, float] = field(default_factory=dict)
     renormalize: bool = False
 
-    def record(self) -> dict[str, Any]:
-        """What an export's ``pruning.json`` keeps (``plan.extra``) so that loading re-installs it."""
-        return {"skip_gammas": {str(i): g.tolist() for i, g in self.gammas.items()},
-                "skip_renormalize": self.renormalize,
-                "skip_fraction": {str(i): f for i, f in self.skipped_fraction.items()}}
+    def record(self) -> SkipRecord:
+        """What the plan and the export's ``pruning.json`` keep so that loading re-installs it."""
+        return SkipRecord(gammas={i: g.tolist() for i, g in self.gammas.items()}, renormalize=self.renormalize,
+                          skipped_fraction=dict(self.skipped_fraction))
 
 
 @torch.no_grad()
@@ -81,19 +177,21 @@ def calibrate_skipping(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     family = get_family(model)
     observations = observe_blocks(model, family, batches, max_tokens)
     gammas = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(model)}
-    hooks = install_skipping(model, gammas, renormalize=renormalize)
+    hooks = install_skipping(model, gammas, renormalize=renormalize, count=True)
     model.diep_skipping = hooks
-    hooks.stats.clear()
     observe_blocks(model, family, batches, None)
     skipped = {i: s[0] / max(1, s[1]) for i, s in hooks.stats.items()}
-    hooks.stats.clear()
+    hooks.counting = False
+    hooks.clear_stats()
     return Skipping(gammas=gammas, hooks=hooks, skipped_fraction=skipped, renormalize=renormalize)
 
 
 def install_skipping_from_record(model: nn.Module, record: dict[str, Any]) -> Any:
-    """Re-install the skipping recorded in an export's ``pruning.json``."""
-    extra = record.get("plan", {}).get("extra", {})
-    gammas = {int(k): torch.tensor(v) for k, v in extra.get("skip_gammas", {}).items()}
-    group = install_skipping(model, gammas, renormalize=bool(extra.get("skip_renormalize", False)))
+    """Re-install the skipping recorded in an export's ``pruning.json`` (None when it records none)."""
+    skipping = recorded_skipping(record.get("plan") or {})
+    if skipping is None:
+        return None
+    gammas = {i: torch.tensor(g) for i, g in skipping.gammas.items()}
+    group = install_skipping(model, gammas, renormalize=skipping.renormalize)
     model.diep_skipping = group
     return group

@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from diep_lightning.testing import save_tiny_model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,3 +50,15 @@ def tiny_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     fast.save_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Mixtral (8 experts, top-2, 2 layers) saved with the tiny tokenizer."""
+    return save_tiny_model("mixtral", str(tmp_path_factory.mktemp("tiny_mixtral")), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Qwen2-MoE (8 experts, top-2, shared expert) saved with the tiny tokenizer."""
+    return save_tiny_model("qwen2_moe", str(tmp_path_factory.mktemp("tiny_qwen")), tiny_tokenizer)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
+from helpers import fit_args
 from transformers import AutoConfig
 
 from diep_lightning.main import main
@@ -119,7 +119,7 @@ CASES = [
     ("ratio_malformed", None, ["--model.alpha_beta_ratio=3-1"], "alpha_beta_ratio:"),
     ("ratio_zero", None, ["--model.alpha_beta_ratio=0:0"], "alpha_beta_ratio:"),
     ("negative_lambda", None, ["--model.lam=-1"], "lam:"),
-    ("unknown_method", None, ["--model.method=magic"], "model.method"),
+    ("unknown_method", None, ["--model=BaselineModule", "--model.method=magic"], "model.method"),
     ("unknown_callback_argument", None, [*PRUNE, "--prune.sparsityy=0.5"], "sparsityy"),
     ("export_dir_exists", None, [*PRUNE, "--prune.export_dir={root}/taken"], "export_dir:"),
     ("export_dir_not_writable", None, [*PRUNE, "--prune.export_dir={root}/afile/out"], "export_dir:"),
@@ -127,7 +127,7 @@ CASES = [
      "tasks: unknown task 'kit_piqaa'"),
     ("nan_loss", None, ["--model.lam=1e38"], "loss: non-finite loss"),
     ("nan_weights", "nan", [], "model_name_or_path: non-finite weights (NaN/inf) in lm_head.weight"),
-    ("nan_expert_reap", "nan_expert", ["--model.method=reap", *PRUNE],
+    ("nan_expert_reap", "nan_expert", ["--model=BaselineModule", "--model.method=reap", *PRUNE],
      "model_name_or_path: non-finite weights (NaN/inf) in MoE layer 1 (decoder layer 1), expert(s) [3]"),
     # #14 data loss: an export that would replace or enclose the source model, a sibling, a file or a user folder
     ("export_dir_is_source", "zoo/source",
@@ -173,7 +173,13 @@ CASES = [
     ("model_path_without_dot", "models/nope", [], "model_name_or_path: 'models/nope' does not exist"),
     ("skipping_top1", "top1", ["--trainer.callbacks+=SkipCalibration"], "SkipCalibration: skipping needs top-k >= 2"),
     ("merging_nothing_pruned", None, ["--trainer.callbacks+=ExpertMerging"], "ExpertMerging: nothing is pruned"),
-    ("naee_global_mode", None, ["--model.method=naee", *PRUNE], "mode: NAEE"),
+    ("naee_global_mode", None, ["--model=BaselineModule", "--model.method=naee", "--model.naee_keep=4", *PRUNE],
+     "mode: NAEE"),
+    ("naee_keep_missing", None, ["--model=BaselineModule", "--model.method=naee", *PRUNE], "naee_keep: NAEE needs"),
+    ("naee_keep_mismatch", None, ["--model=BaselineModule", "--model.method=naee", "--model.naee_keep=4", *PRUNE,
+                                  "--prune.mode=uniform", "--prune.sparsity=0.25"],
+     "naee_keep: 4 experts per layer, but sparsity 0.25 keeps 6"),
+    ("diep_as_baseline", None, ["--model=BaselineModule", "--model.method=diep"], "model.method"),
 ]
 
 
@@ -227,7 +233,8 @@ def test_the_real_entry_point_prints_one_line(tmp_path):
 
 # ---------------------------------------------------------------------- the library API: exports and pruning.json
 def _export(tmp_path, name="export", mode="global", **kwargs):
-    from diep_lightning.export import apply_plan, export_pruned, size_report
+    from diep_lightning.export import export_pruned
+    from diep_lightning.removal import apply_plan, size_report
     from diep_lightning.families import get_family
     from diep_lightning.pruning import select_experts
     from diep_lightning.testing import tiny_model
@@ -250,7 +257,7 @@ def _edit_record(record, case):
     elif case == "negative_ids":
         layer["removed"][0] = -1
     elif case == "skip_gammas_shape":
-        record["plan"]["extra"]["skip_gammas"] = {"0": [[0.1, 0.2], [0.3, 0.4]]}
+        record["plan"]["skipping"] = {"gammas": {"0": [[0.1, 0.2], [0.3, 0.4]]}}
     return json.dumps(record)
 
 
@@ -358,7 +365,7 @@ def test_a_full_disk_during_export_exits_1_in_one_line_and_leaves_nothing(tiny_m
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.safetensors"))
 
-    monkeypatch.setattr(export, "_plot", full_disk)
+    monkeypatch.setattr(export, "plot_plan", full_disk)
     with pytest.raises(SystemExit) as exit_info:
         main(fit_args(tiny_mixtral_dir, str(tmp_path / "run"), *PRUNE, f"--prune.export_dir={tmp_path}/out",
                       epochs=1))

@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from model_fixtures import tiny_mixtral_dir  # noqa: F401
 
 from benchmarks import run as bench
 
@@ -59,3 +58,39 @@ def test_benchmark_rejects_unknown_phase(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--phases", "quality,speed", "--out", str(tmp_path)])
     assert "--phases" in capsys.readouterr().err
+
+
+def test_speed_benchmark_smoke(tmp_path):
+    from benchmarks import speed
+
+    results_md = tmp_path / "RESULTS.md"
+    results = speed.main(["--shapes", "mixtral,qwen3", "--dtypes", "float32", "--layers", "1", "--hidden", "64",
+                          "--vocab", "64", "--repeats", "2", "--new-tokens", "2", "--prefill-tokens", "16",
+                          "--threads", "1", "--out", str(tmp_path / "speed.json"), "--results", str(results_md)])
+    for key in ("mixtral float32", "qwen3 float32"):
+        run = results["runs"][key]
+        assert set(run["summary"]) == set(speed.VARIANTS)
+        assert all(m["ratio"] == 1.0 for m in run["summary"]["full"].values())  # full against itself, per round
+        assert all(len(v) == 2 for v in run["times"]["pruned_50_skip"].values())
+        facts = run["facts"]
+        assert facts["pruned_50"]["expert_bytes"] * 2 == facts["full"]["expert_bytes"]
+        assert facts["pruned_25"]["expert_bytes"] * 4 == facts["full"]["expert_bytes"] * 3
+        assert all(0.0 <= f["skipped_share"] < 1.0 for f in facts.values())
+    text = results_md.read_text()
+    assert "<!-- speed_cpu:begin -->" in text and "| pruned_50_skip |" in text
+
+
+def test_search_cost_benchmark_smoke(tmp_path):
+    from benchmarks import search_cost
+
+    results_md = tmp_path / "RESULTS.md"
+    results = search_cost.main(["--sizes", "32x1,64x1", "--vocab", "64", "--samples", "4", "--seq-len", "16",
+                                "--batch-size", "2", "--epochs", "2", "--threads", "1",
+                                "--out", str(tmp_path / "cost.json"), "--results", str(results_md)])
+    assert [r["size"] for r in results["rows"]] == ["32x1", "64x1"]
+    assert results["rows"][1]["params"] > results["rows"][0]["params"]
+    for row in results["rows"]:
+        assert row["floor"]["wall_s"] > 0 and row["diep"]["wall_s"] > 0
+        assert row["diep"]["teacher_cache_mb"] > 0  # the cache filled in the first epoch
+    assert set(results["projection"]) == {"Mixtral-8x7B", "Qwen3-30B-A3B"}
+    assert "<!-- search_cost:begin -->" in results_md.read_text()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
+from helpers import fit_args
 
 from diep_lightning.main import main
 

@@ -20,6 +20,8 @@ README = (REPO / "README.md").read_text()
 #: Commands run by another test, with the test that runs them.
 COVERED_ELSEWHERE = {
     "python -m benchmarks.run": "tests/test_benchmark_smoke.py::test_benchmark_smoke",
+    "python -m benchmarks.speed": "tests/test_benchmark_smoke.py::test_speed_benchmark_smoke",
+    "python -m benchmarks.search_cost": "tests/test_benchmark_smoke.py::test_search_cost_benchmark_smoke",
     "python -m pytest": ".ci/run",
     "vllm serve": "tests/test_vllm.py::test_every_served_family_serves_a_global_export_with_transformers_tokens",  # vllm.LLM, in the vLLM venv
 }

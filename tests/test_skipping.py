@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
+from helpers import fit_args
 from torch.overrides import TorchFunctionMode
 
 from diep_lightning import load_pruned
@@ -29,7 +29,7 @@ def test_gamma_zero_reproduces_unskipped_logits(model_type):
     model = tiny_model(model_type)
     reference = _logits(model)
     blocks = get_family(model).blocks(model)
-    hooks = install_skipping(model, {b.index: torch.zeros(b.num_experts, b.num_experts) for b in blocks})
+    hooks = install_skipping(model, {b.index: torch.zeros(b.num_experts, b.num_experts) for b in blocks}, count=True)
     assert torch.equal(_logits(model), reference)
     assert all(skipped == 0 for skipped, _ in hooks.stats.values())
 
@@ -56,7 +56,7 @@ def test_skipped_experts_are_not_computed():
         reference = _logits(model)
     tokens = TOKENS.numel()
     assert full.rows == 2 * tokens * len(blocks)  # top-2 in every layer
-    hooks = install_skipping(model, {b.index: torch.full((8, 8), 1e9) for b in blocks})
+    hooks = install_skipping(model, {b.index: torch.full((8, 8), 1e9) for b in blocks}, count=True)
     with _RowCounter(shape) as skipped:
         out = _logits(model)
     assert skipped.rows == tokens * len(blocks), "only each token's top expert may run"
@@ -67,7 +67,7 @@ def test_skipped_experts_are_not_computed():
 def test_partial_skipping_only_drops_small_weights():
     model = tiny_model("qwen3_moe")
     blocks = get_family(model).blocks(model)
-    hooks = install_skipping(model, {b.index: torch.full((8, 8), 0.5) for b in blocks})
+    hooks = install_skipping(model, {b.index: torch.full((8, 8), 0.5) for b in blocks}, count=True)
     _logits(model)
     fractions = [s / t for s, t in hooks.stats.values()]
     assert all(0.0 < f < 0.5 for f in fractions), fractions
@@ -81,7 +81,7 @@ def test_gammas_survive_export_and_reload(tiny_mixtral_dir, tmp_path):
     pruning = next(c for c in cli.trainer.callbacks if isinstance(c, GlobalExpertPruning))
     skip = next(c for c in cli.trainer.callbacks if isinstance(c, SkipCalibration))
     record = json.loads((export / "pruning.json").read_text())
-    gammas = record["plan"]["extra"]["skip_gammas"]
+    gammas = record["plan"]["skipping"]["gammas"]
     assert {int(k) for k in gammas} == {0, 1}
     for k, rows in gammas.items():
         assert len(rows) == len(record["layers"][int(k)]["kept"])  # calibrated on the survivors
@@ -107,24 +107,52 @@ def test_single_token_drops_skipped_slots_and_matches_batched_path():
     blocks = get_family(model).blocks(model)
     shape = blocks[0].experts.gate_up_proj.shape[1:]
     install_skipping(model, {b.index: torch.full((8, 8), 1e9) for b in blocks})
-    seen = []
-    handle = blocks[0].experts.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[1].shape)))
     token = TOKENS[:1, :1]
     with _RowCounter(shape) as counter:
         single = _logits(model, token)
-    assert counter.rows == len(blocks) and seen[-1] == (1, 1)
-    batched = _logits(model, token.expand(2, 1).contiguous())  # two tokens: the sentinel path
-    assert seen[-1] == (2, 2)
-    handle.remove()
+    assert counter.rows == len(blocks)
+    batched = _logits(model, token.expand(2, 1).contiguous())
     torch.testing.assert_close(single[0], batched[0], rtol=1e-5, atol=1e-5)
+
+
+class _TopOnly:
+    """Reference for skipping every non-top slot: the same routing with those slots' weights set to 0."""
+
+    def __init__(self, blocks):
+        self.handles = [b.experts.register_forward_pre_hook(self.hook) for b in blocks]
+
+    @staticmethod
+    def hook(module, args):
+        idx, w = args[1], args[2]
+        keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.argmax(-1, keepdim=True), True)
+        return (args[0], idx, w.masked_fill(~keep, 0.0), *args[3:])
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_skipping_every_other_slot_equals_top_expert_only(model_type, implementation):
+    """Every family and experts kernel leaves the skipped (sentinel) slots out and computes the rest exactly."""
+    model = tiny_model(model_type, experts_implementation=implementation)
+    blocks = get_family(model).blocks(model)
+    reference_hooks = _TopOnly(blocks)
+    reference = _logits(model)
+    for handle in reference_hooks.handles:
+        handle.remove()
+    skipping = install_skipping(model, {b.index: torch.full((8, 8), 1e9) for b in blocks}, count=True)
+    torch.testing.assert_close(_logits(model), reference, rtol=1e-5, atol=1e-5)
+    top_k = blocks[0].top_k
+    assert all(s * top_k == t * (top_k - 1) for s, t in skipping.stats.values())
+    skipping.remove()
+    assert not any(hasattr(b.experts, "diep_skip") for b in blocks)
 
 
 def test_remote_code_loading_reinstalls_the_recorded_skipping(tmp_path):
     """A non-uniform export loaded with stock transformers + trust_remote_code skips like load_pruned does."""
     from transformers import AutoModelForCausalLM
 
-    from diep_lightning.export import apply_plan, export_pruned, size_report
-    from diep_lightning.pruning import select_experts
+    from diep_lightning.export import export_pruned
+    from diep_lightning.removal import apply_plan, size_report
+    from diep_lightning.pruning import SkipRecord, select_experts
 
     model = tiny_model("mixtral")
     blocks = get_family(model).blocks(model)
@@ -132,7 +160,7 @@ def test_remote_code_loading_reinstalls_the_recorded_skipping(tmp_path):
     assert len({len(k) for k in plan.kept}) > 1, "the plan must be non-uniform"
     sizes = size_report(model)
     apply_plan(model, plan)
-    plan.extra["skip_gammas"] = {str(b.index): torch.full((b.num_experts,) * 2, 0.5).tolist() for b in blocks}
+    plan.skipping = SkipRecord(gammas={b.index: torch.full((b.num_experts,) * 2, 0.5).tolist() for b in blocks})
     export, _ = export_pruned(model, plan, tmp_path / "export", source="tiny", original=sizes)
     tokens = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
     remote = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()

@@ -61,13 +61,12 @@ class MoEBlock:
 ScaleProvider = Callable[[int], "torch.Tensor | None"]
 
 
-class _HookGroup:
+class HookGroup:
     """Removable handles of hooks installed together, with an on/off switch the hooks read."""
 
     def __init__(self) -> None:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.enabled = True
-        self.stats: dict[int, list[int]] = {}  # skipping: block index -> [skipped slots, all slots]
 
     def remove(self) -> None:
         """Uninstall every hook of the group."""
@@ -118,6 +117,7 @@ class MoEFamily:
         num_experts_config_attr: config attribute with the routed-expert count (for exports).
         has_shared_experts: whether the block adds always-on shared experts to the routed output.
         max_top_k: largest top-k the family's routing rule supports (None: no limit).
+        eager_skips_sentinel: whether the eager experts forward leaves the sentinel id N uncomputed.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -126,6 +126,8 @@ class MoEFamily:
     num_experts_config_attr: ClassVar[str] = "num_local_experts"
     has_shared_experts: ClassVar[bool] = False
     max_top_k: ClassVar[int | None] = None
+    #: the family's eager experts forward skips the sentinel expert id N (adaptive skipping relies on it)
+    eager_skips_sentinel: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ discovery
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
@@ -161,7 +163,7 @@ class MoEFamily:
         return int(block.router.top_k)
 
     # ------------------------------------------------------------------ scaling (the DiEP search)
-    def install_scaling(self, blocks: Sequence[MoEBlock], provider: ScaleProvider) -> _HookGroup:
+    def install_scaling(self, blocks: Sequence[MoEBlock], provider: ScaleProvider) -> HookGroup:
         """Multiply each chosen expert's routing weight by a per-expert factor, differentiably.
 
         A forward pre-hook on each block's ``experts`` replaces ``top_k_weights`` by
@@ -172,7 +174,7 @@ class MoEFamily:
         Returns:
             The hook group; ``group.disabled()`` runs the model unscaled (the teacher).
         """
-        group = _HookGroup()
+        group = HookGroup()
         for block in blocks:
             group.handles.append(
                 block.experts.register_forward_pre_hook(self._scaling_hook(block.index, provider, group))
@@ -180,7 +182,7 @@ class MoEFamily:
         return group
 
     @staticmethod
-    def _scaling_hook(index: int, provider: ScaleProvider, group: _HookGroup) -> Callable[..., Any]:
+    def _scaling_hook(index: int, provider: ScaleProvider, group: HookGroup) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             if not group.enabled:
                 return None
@@ -226,12 +228,12 @@ class MoEFamily:
 
     def install_routing_capture(self, blocks: Sequence[MoEBlock],
                                 sink: Callable[[MoEBlock, torch.Tensor, torch.Tensor, torch.Tensor], None]
-                                ) -> _HookGroup:
+                                ) -> HookGroup:
         """Call ``sink(block, hidden, top_k_index, top_k_weights)`` each time a block routes tokens.
 
         This is where baselines get routing frequencies and weights, and calibration gets block inputs.
         """
-        group = _HookGroup()
+        group = HookGroup()
         for block in blocks:
             def hook(module: nn.Module, args: tuple[Any, ...], _block: MoEBlock = block) -> None:
                 if group.enabled:
@@ -355,64 +357,6 @@ class MoEFamily:
                 tensor[survivor].copy_(merged.to(tensor.dtype))
 
     # ------------------------------------------------------------------ skipping (inference)
-    def install_skipping(self, blocks: Sequence[MoEBlock], gammas: dict[int, torch.Tensor],
-                         renormalize: bool = False) -> _HookGroup:
-        """Drop a chosen expert for a token when its weight is under gamma x the top expert's weight.
-
-        For each token the top-weighted chosen expert e0 always runs; another chosen expert e runs only if
-        ``w_e >= gamma[e0, e] * w_e0``. The work really disappears: a single token (batch-1 decoding) is routed
-        to its kept experts only; in a batch a skipped slot goes to the sentinel index ``N`` with weight 0,
-        which the experts forward never computes (transformers' expert-parallel path); a call with nothing to
-        skip takes the stock path unchanged.
-
-        Args:
-            blocks: blocks to install it on.
-            gammas: block index -> (N, N) thresholds; blocks without an entry are untouched.
-            renormalize: rescale the surviving weights to keep their original sum.
-        """
-        group = _HookGroup()
-        for block in blocks:
-            if block.index not in gammas:
-                continue
-            if block.top_k < 2:
-                raise ValueError(f"gammas: skipping needs top-k >= 2, block {block.index} routes top-{block.top_k}")
-            group.handles.append(block.experts.register_forward_pre_hook(
-                self._skip_hook(block, gammas[block.index], renormalize, group)))
-        return group
-
-    @staticmethod
-    def _skip_hook(block: MoEBlock, gamma: torch.Tensor, renormalize: bool, group: _HookGroup) -> Callable[..., Any]:
-        cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-            if not group.enabled:
-                return None
-            hidden, idx, w = args[0], args[1], args[2]
-            key = (w.device, w.dtype)
-            if key not in cache:  # thresholds moved to the routing weights' device and dtype once, not per call
-                cache[key] = gamma.to(w.device, w.dtype)
-            top = w.argmax(dim=-1, keepdim=True)
-            skip = w < cache[key][idx.gather(-1, top).expand_as(idx), idx] * w.gather(-1, top)
-            skip.scatter_(-1, top, False)
-            skipped = int(skip.sum())
-            stats = group.stats.setdefault(block.index, [0, 0])
-            stats[0] += skipped
-            stats[1] += skip.numel()
-            if skipped == 0:  # nothing to drop: the stock path, without the sentinel bookkeeping
-                module._is_expert_parallel = False
-                return None
-            new_w = w.masked_fill(skip, 0.0)
-            if renormalize:
-                new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
-            if idx.shape[0] == 1:  # one token (batch-1 decoding): route it to its kept experts only
-                keep = ~skip[0]
-                module._is_expert_parallel = False
-                return (hidden, idx[:, keep], new_w[:, keep], *args[3:])
-            module._is_expert_parallel = True  # the batched/grouped paths leave sentinel slots uncomputed
-            return (hidden, idx.masked_fill(skip, module.num_experts), new_w, *args[3:])
-
-        return hook
-
     # ------------------------------------------------------------------ config for exports
     def expert_counts_to_config(self, config: Any, counts: Sequence[int]) -> None:
         """Record per-layer routed-expert counts in a config (used by exports)."""

@@ -15,5 +15,6 @@ class GptOssFamily(MoEFamily):
     """``GptOssForCausalLM``: ``mlp.router`` (weight + bias) and ``mlp.experts``."""
 
     model_types = ("gpt_oss",)
+    eager_skips_sentinel = False  # its eager forward one-hots with N classes
     router_attr = "router"
     num_experts_config_attr = "num_local_experts"

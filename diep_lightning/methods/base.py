@@ -2,9 +2,10 @@
 
 A method turns what it sees on calibration tokens into one score per expert (higher = keep);
 :func:`diep_lightning.pipeline.select` then removes the lowest scores, so every method writes the same export.
-DiEP's scores come from its search (:class:`diep_lightning.module.DiEPModule`); every other method is a
-:class:`Scorer` fed by one no-grad statistics pass. Adding a method is one file: subclass :class:`Scorer`,
-decorate it with :func:`register_method`, import it in ``methods/__init__.py``.
+DiEP's scores come from its search (:class:`diep_lightning.methods.diep.DiEPModule`); every other method is a
+:class:`Scorer` fed by one no-grad statistics pass (:class:`diep_lightning.methods.statistics.BaselineModule`).
+Adding a method is one file: subclass :class:`Scorer`, decorate it with :func:`register_method`, import it in
+``methods/__init__.py``; its ``__init__`` arguments come from ``BaselineModule``'s of the same name.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Scorer:
     """Accumulates routing statistics over calibration batches and returns per-expert scores.
 
     Class attributes:
-        name: the method's name on the command line (``--model.method``).
+        name: the method's name on the command line (``--model=BaselineModule --model.method=<name>``).
     """
 
     name: str = ""
@@ -34,11 +35,10 @@ class Scorer:
                 weights: torch.Tensor) -> None:
         """Called each time ``block`` routes tokens (inside a no-grad forward)."""
 
-    def check(self, blocks: Sequence[MoEBlock], sparsity: float | None, mode: str | None) -> None:
-        """Fail early (before the statistics pass) on a setting the method cannot handle."""
+    def check(self, blocks: Sequence[MoEBlock], sparsity: float, mode: str) -> None:
+        """Fail early (before the statistics pass) on a pruning setting the method cannot serve."""
 
-    def scores(self, family: MoEFamily, blocks: Sequence[MoEBlock], sparsity: float | None = None,
-               mode: str | None = None) -> list[torch.Tensor]:
+    def scores(self, family: MoEFamily, blocks: Sequence[MoEBlock]) -> list[torch.Tensor]:
         """One (N_l,) score tensor per block; higher = keep."""
         raise NotImplementedError
 

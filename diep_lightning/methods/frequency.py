@@ -20,5 +20,5 @@ class FrequencyScorer(Scorer):
         counts = torch.bincount(index.flatten().cpu(), minlength=block.num_experts)[: block.num_experts]
         self.counts[block.index] = self.counts.get(block.index, 0) + counts.double()
 
-    def scores(self, family, blocks, sparsity=None, mode=None):
+    def scores(self, family, blocks):
         return [self.counts.get(b.index, torch.zeros(b.num_experts, dtype=torch.float64)).float() for b in blocks]

@@ -17,32 +17,38 @@ class NaeeScorer(Scorer):
     """Exhaustive per-layer subset search on the layer output reconstruction error.
 
     Args:
+        keep: experts each layer keeps (the size of the subsets searched).
         max_subsets: largest number of subsets per layer it agrees to try.
         max_tokens: calibration tokens kept per layer for the search.
     """
 
     name = "naee"
 
-    def __init__(self, max_subsets: int = 20_000, max_tokens: int = 2048) -> None:
-        self.max_subsets, self.max_tokens = max_subsets, max_tokens
+    def __init__(self, keep: int | None = None, max_subsets: int = 20_000, max_tokens: int = 2048) -> None:
+        if keep is None or isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"naee_keep: NAEE needs the number of experts each layer keeps (an integer >= 1, e.g. "
+                             f"--model.naee_keep=4 for sparsity 0.5 of 8 experts), got {keep!r}")
+        self.keep, self.max_subsets, self.max_tokens = keep, max_subsets, max_tokens
         self.hidden: dict[int, list[torch.Tensor]] = {}
         self.seen: dict[int, int] = {}
 
-    @staticmethod
-    def _keep(block: MoEBlock, sparsity: float) -> int:
-        return block.num_experts - round(sparsity * block.num_experts)
-
     def check(self, blocks, sparsity, mode):
-        if mode is not None and mode != "uniform":
+        if mode != "uniform":
             raise ValueError("mode: NAEE searches each layer separately (same count per layer); set mode: uniform "
                              "in GlobalExpertPruning for method naee")
-        if sparsity is None:
-            raise ValueError("method: naee needs GlobalExpertPruning (its sparsity sets the subset size)")
         for block in blocks:
-            count = math.comb(block.num_experts, self._keep(block, sparsity))
+            if not block.top_k <= self.keep <= block.num_experts:
+                raise ValueError(f"naee_keep: {self.keep} experts per layer, but MoE layer {block.index} has "
+                                 f"{block.num_experts} experts routed top-{block.top_k}; use {block.top_k}.."
+                                 f"{block.num_experts}")
+            wanted = block.num_experts - round(sparsity * block.num_experts)
+            if wanted != self.keep:
+                raise ValueError(f"naee_keep: {self.keep} experts per layer, but sparsity {sparsity} keeps {wanted} of "
+                                 f"{block.num_experts} in MoE layer {block.index}; set --model.naee_keep={wanted}")
+            count = math.comb(block.num_experts, self.keep)
             if count > self.max_subsets:
                 raise ValueError(
-                    f"method: NAEE would try C({block.num_experts}, {self._keep(block, sparsity)}) = {count:.3g} "
+                    f"method: NAEE would try C({block.num_experts}, {self.keep}) = {count:.3g} "
                     f"subsets in layer {block.index}, over max_subsets={self.max_subsets}; exhaustive search is "
                     "infeasible here (use method: diep), or raise naee_max_subsets"
                 )
@@ -56,15 +62,13 @@ class NaeeScorer(Scorer):
         self.seen[block.index] = seen + take.shape[0]
 
     @torch.no_grad()
-    def scores(self, family, blocks, sparsity=None, mode=None):
-        self.check(blocks, sparsity, mode)
+    def scores(self, family, blocks):
         result = []
         for block in blocks:
             hidden = torch.cat(self.hidden[block.index], 0).unsqueeze(0)
             reference = _block_output(block, hidden)
-            keep = self._keep(block, sparsity)
             best, best_err = None, math.inf
-            for subset in itertools.combinations(range(block.num_experts), keep):
+            for subset in itertools.combinations(range(block.num_experts), self.keep):
                 removed = [e for e in range(block.num_experts) if e not in subset]
                 with family.masked_routing(block, removed):
                     err = float((_block_output(block, hidden) - reference).float().pow(2).sum())

@@ -17,6 +17,6 @@ class RandomScorer(Scorer):
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
-    def scores(self, family, blocks, sparsity=None, mode=None):
+    def scores(self, family, blocks):
         gen = torch.Generator().manual_seed(self.seed)
         return [torch.rand(b.num_experts, generator=gen) for b in blocks]

@@ -30,6 +30,6 @@ class ReapScorer(Scorer):
             sums[e] += float((out.float().norm(dim=-1) * weights[token, slot].float()).sum())
             counts[e] += token.numel()
 
-    def scores(self, family, blocks, sparsity=None, mode=None):
+    def scores(self, family, blocks):
         return [(self.sums.get(b.index, torch.zeros(b.num_experts)) /
                  self.counts.get(b.index, torch.ones(b.num_experts)).clamp_min(1)).float() for b in blocks]

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from model_fixtures import fit_args, tiny_mixtral_dir, tiny_qwen_dir  # noqa: F401
+from helpers import fit_args
 
 from diep_lightning.main import main
-from diep_lightning.module import DiEPModule, parse_ratio
+from diep_lightning.methods.diep import DiEPModule, parse_ratio
 
 
 def _checkpoint(root) -> dict:

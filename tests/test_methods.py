@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
+from helpers import fit_args
 
 from diep_lightning.methods import FrequencyScorer, NaeeScorer, ReapScorer, make_scorer
 from diep_lightning.families import get_family
@@ -62,9 +62,10 @@ def test_reap_is_weight_times_output_norm():
 
 def test_naee_picks_the_best_subset_and_refuses_huge_searches():
     model = tiny_model("mixtral")
-    scorer = NaeeScorer()
+    scorer = NaeeScorer(keep=4)
     family, blocks, _ = _observe(model, scorer)
-    scores = scorer.scores(family, blocks, sparsity=0.5, mode="uniform")
+    scorer.check(blocks, 0.5, "uniform")
+    scores = scorer.scores(family, blocks)
     block = blocks[0]
     hidden = torch.cat(scorer.hidden[0], 0).unsqueeze(0)
 
@@ -79,9 +80,13 @@ def test_naee_picks_the_best_subset_and_refuses_huge_searches():
     for other in ([0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6]):
         assert error(chosen) <= error(other) + 1e-6
     with pytest.raises(ValueError, match="max_subsets"):
-        NaeeScorer(max_subsets=10).check(blocks, 0.5, "uniform")
+        NaeeScorer(keep=4, max_subsets=10).check(blocks, 0.5, "uniform")
     with pytest.raises(ValueError, match="uniform"):
-        NaeeScorer().check(blocks, 0.5, "global")
+        NaeeScorer(keep=4).check(blocks, 0.5, "global")
+    with pytest.raises(ValueError, match="naee_keep: 4 experts per layer, but sparsity 0.25 keeps 6"):
+        NaeeScorer(keep=4).check(blocks, 0.25, "uniform")
+    with pytest.raises(ValueError, match="naee_keep: NAEE needs the number of experts each layer keeps"):
+        NaeeScorer()
 
 
 def test_unknown_method_is_refused():
@@ -93,7 +98,8 @@ def test_unknown_method_is_refused():
                                          ("naee", "uniform")])
 def test_baselines_run_through_the_cli_and_export(method, mode, tiny_mixtral_dir, tmp_path):
     export = tmp_path / "export"
-    main(fit_args(tiny_mixtral_dir, str(tmp_path), f"--model.method={method}",
+    keep = ["--model.naee_keep=6"] if method == "naee" else []
+    main(fit_args(tiny_mixtral_dir, str(tmp_path), "--model=BaselineModule", f"--model.method={method}", *keep,
                   "--trainer.callbacks+=GlobalExpertPruning", "--trainer.callbacks.sparsity=0.25",
                   f"--trainer.callbacks.mode={mode}", f"--trainer.callbacks.export_dir={export}", epochs=3))
     record = json.loads((export / "pruning.json").read_text())

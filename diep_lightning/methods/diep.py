@@ -1,6 +1,7 @@
-"""The DiEP search as a LightningModule: learn per-expert logits a^(l) and per-layer scalars b^(l) on a frozen MoE.
+"""``diep``: the DiEP search as a LightningModule: learn per-expert logits a^(l) and per-layer scalars b^(l) on a
+frozen MoE.
 
-See ``docs``/method: the student is the frozen model with each chosen expert's routing weight multiplied by
+See ``docs/method.md``: the student is the frozen model with each chosen expert's routing weight multiplied by
 ``beta^(l) * s(alpha_i^(l))``; the teacher is the very same weights with that scaling switched off, run
 under ``no_grad`` (no second copy of the model). Loss = CE(student) + lambda * reconstruction, optimised by
 alternating blocks of alpha steps and beta steps (paper: 3:1), each with its own optimizer and schedule.
@@ -8,20 +9,17 @@ alternating blocks of alpha steps and beta steps (paper: 3:1), each with its own
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from diep_lightning.methods import make_scorer
-from diep_lightning.families import MoEBlock, get_family
-from diep_lightning.loading import DTYPES, fingerprint, load_config, load_model, load_tokenizer, resolve_model_path
+from diep_lightning.frozen_moe import FrozenMoEModule
+
 
 def parse_ratio(ratio: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     """Parse an alpha:beta step ratio such as ``"3:1"``.
@@ -56,8 +54,8 @@ def _default_beta_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optim
     return torch.optim.SGD(params, lr=1.0)
 
 
-class DiEPModule(LightningModule):
-    """Differentiable Expert Pruning search on a frozen MoE model.
+class DiEPModule(FrozenMoEModule):
+    """Differentiable Expert Pruning search on a frozen MoE model (the default ``model`` of the CLI).
 
     Args:
         model_name_or_path: local model directory or hub id.
@@ -82,14 +80,12 @@ class DiEPModule(LightningModule):
         trust_remote_code: passed to transformers.
         experts_implementation: transformers experts kernel ("eager", "batched_mm", "grouped_mm"; None:
             transformers' default).
-        method: "diep" (the search), or a baseline scored from one pass over the calibration data with the
-            same pruning and export: "random", "frequency", "reap", "naee" (see :mod:`diep_lightning.methods`).
-        random_seed: seed of the "random" baseline.
-        naee_max_subsets: NAEE refuses layers with more subsets than this.
         teacher_cache_gb: keep the teacher's outputs per calibration sample after their first computation, so
             later epochs skip the teacher pass (the teacher is fixed: frozen weights, fixed samples), when the
             cache fits in this many GiB; 0 disables it. The values are the same as recomputing them.
     """
+
+    method_name = "DiEP"
 
     def __init__(
         self,
@@ -107,14 +103,8 @@ class DiEPModule(LightningModule):
         gradient_clip_val: float | None = 1.0,
         trust_remote_code: bool = False,
         experts_implementation: str | None = None,
-        method: Literal["diep", "random", "frequency", "reap", "naee"] = "diep",
-        random_seed: int = 0,
-        naee_max_subsets: int = 20_000,
         teacher_cache_gb: float = 2.0,
     ) -> None:
-        super().__init__()
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
             raise ValueError(f"lam: the reconstruction weight must be a finite number >= 0, got {lam!r}")
         if reconstruction not in ("blocks", "final_hidden"):
@@ -125,42 +115,24 @@ class DiEPModule(LightningModule):
             raise ValueError(f"alpha_scaling: expected 'n_softmax' or 'softmax', got {alpha_scaling!r}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val: must be > 0 or null, got {gradient_clip_val!r}")
-        self.ratio = parse_ratio(alpha_beta_ratio)
-        self.scorer = make_scorer(method, seed=random_seed, max_subsets=naee_max_subsets)
-        self.model_path = resolve_model_path(model_name_or_path)
-        self.hf_config = load_config(self.model_path, trust_remote_code)
-        self.family = get_family(self.hf_config)  # unknown / dense model types fail here, before any weight
-        self.family.check_config(self.hf_config)
-        self.model_fingerprint = fingerprint(self.model_path)
+        ratio = parse_ratio(alpha_beta_ratio)
         for name, factory in (("alpha_optimizer", alpha_optimizer), ("beta_optimizer", beta_optimizer)):
             _probe_optimizer(name, factory)
+        super().__init__(model_name_or_path, dtype, trust_remote_code, experts_implementation)
+        self.ratio = ratio
         self.save_hyperparameters(ignore=["alpha_optimizer", "beta_optimizer", "alpha_scheduler", "beta_scheduler"])
         self.alpha_optimizer, self.beta_optimizer = alpha_optimizer, beta_optimizer
         self.alpha_scheduler, self.beta_scheduler = alpha_scheduler, beta_scheduler
-        self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold only the trainable state, not the frozen model
-        self.model: nn.Module | None = None
-        self.blocks: list[MoEBlock] = []
         self.alpha_logits = nn.ParameterList()
         self.beta = nn.ParameterList()
         self._scaling = None
+        self._capture_handles: list[Any] = []
         self._captured: dict[int, torch.Tensor] = {}
         self._teacher_cache: dict[int, dict[int, torch.Tensor]] = {}
 
-    # ------------------------------------------------------------------ model
-    def configure_model(self) -> None:
-        """Load the frozen model once (idempotent), create alpha/beta, install the scaling hooks, and shard
-        decoder layers with FSDP2 under ``ModelParallelStrategy``."""
-        if self.model is not None:
-            return
-        model = self.load_source_model(experts_implementation=self.hparams.experts_implementation)
-        model.requires_grad_(False)
-        model.eval()  # PhiMoE routes randomly and Mixtral adds jitter in train mode
-        self.model = model
-        self.blocks = self.family.blocks(model)
-        if not self.blocks:
-            raise ValueError(f"model_name_or_path: {self.model_path!r} has no sparse MoE layer to prune")
-        self.family.check_model(model)
+    # ------------------------------------------------------------------ hooks on the frozen model
+    def install_hooks(self) -> None:
+        """Create alpha/beta (unless a checkpoint restored them) and install the scaling and capture hooks."""
         if not len(self.alpha_logits):
             for block in self.blocks:
                 self.alpha_logits.append(nn.Parameter(torch.zeros(block.num_experts)))
@@ -168,71 +140,18 @@ class DiEPModule(LightningModule):
         self._scaling = self.family.install_scaling(self.blocks, self.expert_scale)
         self._capture_handles = [block.module.register_forward_hook(self._capture_hook(block.index))
                                  for block in self.blocks]
-        if self.scorer is not None:
-            scorer, family = self.scorer, self.family
-            self._statistics = family.install_routing_capture(
-                self.blocks, lambda block, h, i, w: scorer.observe(family, block, h, i, w))
-            self._statistics.enabled = False
-        self._maybe_shard()
 
-    def on_train_epoch_start(self) -> None:
-        # Lightning may switch submodules to train mode; the frozen model must route deterministically.
-        self.model.eval()
-
-    def release_model(self) -> nn.Module | None:
-        """The frozen model without the search's hooks, ready to be pruned.
-
-        Single process, unsharded: this very model (no second copy in memory); the module cannot search
-        any more afterwards. Sharded (FSDP2): a fresh full copy loaded on global rank 0 (None on other ranks),
-        so pruning never needs gathered shards.
-        """
-        if self.model is None:
-            raise RuntimeError("release_model: no model loaded; call it after fit")
-        if getattr(self, "device_mesh", None) is not None:
-            return self.load_source_model() if self.trainer.is_global_zero else None
+    def remove_hooks(self) -> None:
         if self._scaling is not None:
             self._scaling.remove()
             self._scaling = None
-        for handle in getattr(self, "_capture_handles", []):
+        for handle in self._capture_handles:
             handle.remove()
         self._capture_handles = []
-        if getattr(self, "_statistics", None) is not None:
-            self._statistics.remove()
-        return self.model
 
     def unscaled(self) -> Any:
         """Context in which the model computes as the original (the search's scaling switched off)."""
-        return self._scaling.disabled() if self._scaling is not None else contextlib.nullcontext()
-
-    def load_source_model(self, **kwargs: Any) -> nn.Module:
-        """A fresh copy of the source model with the run's dtype and ``trust_remote_code`` (checked: readable,
-        matching its config, finite), in eval mode."""
-        return load_model(self.model_path, dtype=self.hparams.dtype, trust_remote_code=self.hparams.trust_remote_code,
-                          **kwargs)
-
-    def load_tokenizer(self) -> Any:
-        """The tokenizer stored with the source model (None if it has none)."""
-        return load_tokenizer(self.model_path, trust_remote_code=self.hparams.trust_remote_code)
-
-    def setup(self, stage: str) -> None:
-        """Checks that need the datamodule, before the model loads."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        seq_len = getattr(datamodule, "seq_len", None)
-        limit = getattr(self.hf_config, "max_position_embeddings", None)
-        if isinstance(seq_len, int) and isinstance(limit, int) and seq_len > limit:
-            raise ValueError(f"seq_len: {seq_len} tokens per sequence exceed the model's max_position_embeddings "
-                             f"({limit}); use data.seq_len <= {limit}")
-
-    def _maybe_shard(self) -> None:
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        dp_mesh = mesh["data_parallel"]
-        for layer in self.family.decoder_layers(self.model):
-            fully_shard(layer, mesh=dp_mesh)
-        fully_shard(self.model, mesh=dp_mesh)
+        return self._scaling.disabled() if self._scaling is not None else super().unscaled()
 
     def _capture_hook(self, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -254,15 +173,8 @@ class DiEPModule(LightningModule):
             alpha = alpha * alpha.numel()
         return self.beta[index] * alpha
 
-    def check_pruning(self, sparsity: float, mode: str) -> None:
-        """Called by the pruning callback before the search: a baseline that cannot prune so fails now."""
-        if self.scorer is not None:
-            self.scorer.check(self.blocks, sparsity, mode)
-
-    def expert_scores(self, sparsity: float | None = None, mode: str | None = None) -> list[torch.Tensor]:
-        """Pruning scores: alpha_i^(l) * beta^(l) (eq. 10) for DiEP, the baseline's scores otherwise; on CPU."""
-        if self.scorer is not None:
-            return [s.detach().float().cpu() for s in self.scorer.scores(self.family, self.blocks, sparsity, mode)]
+    def expert_scores(self) -> list[torch.Tensor]:
+        """Pruning scores alpha_i^(l) * beta^(l) (eq. 10), on CPU."""
         return [(torch.softmax(a.detach(), 0) * b.detach()).float().cpu() for a, b in zip(self.alpha_logits, self.beta)]
 
     # ------------------------------------------------------------------ forward passes
@@ -324,9 +236,6 @@ class DiEPModule(LightningModule):
         ce = student_out.loss
         return {"ce": ce, "reconstruction": recon, "loss": ce + self.hparams.lam * recon}
 
-    def forward(self, **batch: Any) -> Any:
-        return self.model(**batch)
-
     # ------------------------------------------------------------------ optimisation
     def current_phase(self) -> str:
         """"alpha" or "beta": which block of the alternating schedule the next step belongs to.
@@ -336,8 +245,6 @@ class DiEPModule(LightningModule):
         return "alpha" if self.global_step % (n_alpha + n_beta) < n_alpha else "beta"
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        if self.scorer is not None:
-            return self._statistics_step(batch)
         opt_alpha, opt_beta = self.optimizers()
         sched_alpha, sched_beta = self.lr_schedulers()
         phase = self.current_phase()
@@ -364,21 +271,6 @@ class DiEPModule(LightningModule):
             sched_beta.step()
         self._log_step(losses, phase, opt_alpha, opt_beta)
         return losses["loss"]
-
-    @torch.no_grad()
-    def _statistics_step(self, batch: dict[str, torch.Tensor]) -> None:
-        """A baseline's only work: route the batch through the unscaled model and let the scorer watch."""
-        self._statistics.enabled = True
-        try:
-            with self._scaling.disabled():
-                self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-        finally:
-            self._statistics.enabled = False
-        return None
-
-    def on_train_epoch_end(self) -> None:
-        if self.scorer is not None:  # baselines need a single pass over the calibration data
-            self.trainer.should_stop = True
 
     def _save_last_good(self) -> str:
         """Write the current (last finite) alpha/beta next to the logs; return the path."""
@@ -427,27 +319,11 @@ class DiEPModule(LightningModule):
                       else torch.optim.lr_scheduler.CosineAnnealingLR(opt_beta, T_max=steps_beta))
         return [opt_alpha, opt_beta], [sched_alpha, sched_beta]
 
-    # ------------------------------------------------------------------ checkpoints: trainable state only
+    # ------------------------------------------------------------------ checkpoints: alpha and beta only
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """alpha logits and beta, the only weights a checkpoint needs (kilobytes, not the model)."""
-        return {k: v.detach().cpu().clone() for k, v in super().state_dict().items()
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
                 if k.startswith(("alpha_logits.", "beta."))}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = self.trainable_state_dict()
-        checkpoint["diep"] = {"model_name_or_path": self.model_path, "model_type": self.hf_config.model_type,
-                              "experts_per_block": [b.num_experts for b in self.blocks],
-                              "fingerprint": self.model_fingerprint}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        recorded = checkpoint.get("diep", {})
-        check_same_model(recorded, self.model_path, self.model_fingerprint)
-        saved = recorded.get("experts_per_block")
-        if saved is not None and self.blocks and saved != [b.num_experts for b in self.blocks]:
-            raise ValueError(
-                f"ckpt_path: checkpoint was made for experts per block {saved}, this model has "
-                f"{[b.num_experts for b in self.blocks]}; resume with the same model_name_or_path"
-            )
 
 
 def _probe_optimizer(name: str, factory: Any) -> None:
@@ -456,14 +332,3 @@ def _probe_optimizer(name: str, factory: Any) -> None:
         factory([nn.Parameter(torch.zeros(1))])
     except (ValueError, TypeError) as err:
         raise ValueError(f"{name}: {str(err).strip().splitlines()[0]}") from None
-
-
-def check_same_model(recorded: dict[str, Any], model_path: str, model_fingerprint: str | None) -> None:
-    """Refuse to resume a search on another model than the one its checkpoint was made for."""
-    saved_path, saved_print = recorded.get("model_name_or_path"), recorded.get("fingerprint")
-    if saved_print and model_fingerprint and saved_print != model_fingerprint:
-        same = saved_path is not None and Path(saved_path).resolve() == Path(model_path).resolve()
-        what = "its files changed since" if same else f"it was made for {saved_path!r}"
-        raise ValueError(f"ckpt_path: the checkpoint does not match the model {model_path!r} ({what}; fingerprint "
-                         f"{saved_print} != {model_fingerprint}); resume with the model it was made for, or start "
-                         "without ckpt_path")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from model_fixtures import fit_args, tiny_mixtral_dir  # noqa: F401
+from helpers import fit_args
 
 from diep_lightning.main import main
 
@@ -30,8 +30,9 @@ def test_print_config_shows_defaults(capsys):
         main(["fit", "--model.model_name_or_path=some/model", "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["lam"] == 0.01
-    assert printed["model"]["alpha_beta_ratio"] == "3:1"
+    assert printed["model"]["class_path"].endswith(".DiEPModule")  # the default method
+    assert printed["model"]["init_args"]["lam"] == 0.01
+    assert printed["model"]["init_args"]["alpha_beta_ratio"] == "3:1"
     assert printed["data"]["num_samples"] == 128
 
 
@@ -41,7 +42,7 @@ def test_every_shipped_yaml_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["model_name_or_path"]
+    assert printed["model"]["init_args"]["model_name_or_path"]
     assert "GlobalExpertPruning" in printed["prune"]["class_path"]
     assert not any("GlobalExpertPruning" in str(cb) for cb in printed["trainer"].get("callbacks") or [])
 
@@ -104,3 +105,29 @@ def test_unknown_lm_eval_task_fails_in_one_line(tiny_mixtral_dir, tmp_path, caps
         main(fit_args(tiny_mixtral_dir, str(tmp_path), "--trainer.callbacks+=LmEvalValidation",
                       "--trainer.callbacks.tasks=[kit_blimpp]"))
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: tasks: unknown task 'kit_blimpp'")
+
+
+CONF = sorted((REPO / "tests" / "conf").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("conf", CONF, ids=[c.stem for c in CONF])
+def test_each_small_yaml_runs_the_real_cli_end_to_end(conf, tmp_path, monkeypatch):
+    """torchgeo style: the real ``main()`` on a small YAML per method and callback set, from the checkout."""
+    monkeypatch.chdir(REPO)
+    config = yaml.safe_load(conf.read_text())
+    export = tmp_path / "export"
+    cli = main(["fit", "--config", str(conf), f"--trainer.default_root_dir={tmp_path}", f"--prune.export_dir={export}"])
+    record = json.loads((export / "pruning.json").read_text())
+    init = config["model"]["init_args"]
+    assert record["method"] == init.get("method", "DiEP")
+    assert type(cli.model).__name__ == config["model"]["class_path"].rsplit(".", 1)[-1]
+    prune = config["prune"]["init_args"]
+    before = [layer["experts_before"] for layer in record["layers"]]
+    removed = [len(layer["removed"]) for layer in record["layers"]]
+    if prune["mode"] == "uniform":
+        assert removed == [round(prune["sparsity"] * n) for n in before]
+    else:
+        assert sum(removed) == round(prune["sparsity"] * sum(before))
+    listed = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"].get("callbacks") or []]
+    assert any(layer["merges"] for layer in record["layers"]) == ("ExpertMerging" in listed)
+    assert (record["plan"]["skipping"] is not None) == ("SkipCalibration" in listed)

@@ -1,0 +1,236 @@
+"""How the DiEP search's cost grows with the model: wall time and peak memory against a forward+backward floor.
+
+    python -m benchmarks.search_cost                      # four Mixtral-shaped sizes: RESULTS.md section "search_cost"
+    python -m benchmarks.search_cost --sizes 128x2,256x2  # a quick look
+
+For each size (``<hidden>x<decoder layers>``, Mixtral proportions: expert intermediate 3.5 x hidden, 8 experts,
+top-2; random weights, which do not change the cost) it runs, each in a fresh process so that peak memory is its
+own, on the same random token batches for the same epochs:
+
+- ``floor``: one plain forward + backward per batch of the frozen model (one trainable scalar on the input
+  embeddings, so the backward crosses every layer, as DiEP's does);
+- ``diep``: the DiEP search through Lightning (teacher pass, student pass with alpha/beta, backward, alternating
+  optimizers; the teacher cache on, as by default).
+
+It reports wall time, peak resident memory, the teacher cache's size, fits ``cost = a * params^b`` over the sizes,
+and projects the search's time and memory to Mixtral-8x7B and Qwen3-30B-A3B (see :func:`projection`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.sections import write_section
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Real models the cost is projected to: total parameters, decoder layers, hidden size, and the paper's
+#: calibration set (128 sequences of 2048 tokens, bf16).
+TARGETS = {
+    "Mixtral-8x7B": {"params": 46.7e9, "active": 12.9e9, "layers": 32, "hidden": 4096},
+    "Qwen3-30B-A3B": {"params": 30.5e9, "active": 3.3e9, "layers": 48, "hidden": 2048},
+}
+
+
+def config_for(hidden: int, layers: int, vocab: int) -> Any:
+    from transformers import AutoConfig
+
+    head_dim = 128 if hidden >= 512 else max(8, min(64, hidden // 4))
+    return AutoConfig.for_model("mixtral", vocab_size=vocab, hidden_size=hidden, intermediate_size=int(3.5 * hidden),
+                                num_hidden_layers=layers, num_local_experts=8, num_experts_per_tok=2,
+                                num_attention_heads=hidden // head_dim, num_key_value_heads=max(1, hidden // head_dim // 4),
+                                head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def random_batches(vocab: int, samples: int, seq_len: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (samples, seq_len), generator=gen)
+    return [{"input_ids": ids[i:i + batch], "attention_mask": torch.ones_like(ids[i:i + batch]),
+             "sample_index": torch.arange(i, min(i + batch, samples))} for i in range(0, samples, batch)]
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.batches[i]
+
+
+def floor(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int) -> dict[str, float]:
+    from diep_lightning.loading import load_model
+
+    model = load_model(model_dir)
+    model.requires_grad_(False)
+    scale = torch.nn.Parameter(torch.ones(()))
+    optimizer = torch.optim.Adam([scale], lr=5e-3)
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out * scale)
+    for _ in range(epochs):
+        for batch in batches:
+            optimizer.zero_grad()
+            model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss.backward()
+            optimizer.step()
+    handle.remove()
+    return {}
+
+
+def diep(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int) -> dict[str, float]:
+    import lightning.pytorch as pl
+
+    from diep_lightning.methods import DiEPModule
+    from diep_lightning.summary import quiet
+
+    quiet()
+    module = DiEPModule(model_dir)
+    loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, shuffle=False)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader)
+    cache = sum(t.numel() * t.element_size() for row in module._teacher_cache.values() for t in row.values())
+    return {"teacher_cache_mb": cache / 2**20}
+
+
+def child(kind: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
+    """Body of one measured process."""
+    from benchmarks.run import peak_rss_mb
+
+    torch.set_num_threads(args.threads)
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    batches = random_batches(vocab, args.samples, args.seq_len, args.batch_size)
+    start = time.perf_counter()
+    extra = (floor if kind == "floor" else diep)(model_dir, batches, args.epochs)
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), **extra}
+
+
+def run_child(kind: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "benchmarks.search_cost", "--child", kind, "--model-dir", model_dir,
+           "--epochs", str(args.epochs), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} on {model_dir} failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a * x^b`` in log-log space: (a, b)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    b = sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sum((x - mx) ** 2 for x in lx)
+    return math.exp(my - b * mx), b
+
+
+def projection(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Project the search to the real models, on paper.
+
+    Time: both the search and the floor are dominated by the active experts' matmuls, so the measured
+    search/floor ratio (its median over sizes) carries over; the floor itself is 3 forward-equivalents of the
+    active parameters per token (forward, and a backward that computes input gradients only: the weights are
+    frozen), i.e. ``6 * active * tokens`` FLOPs per epoch. Memory: the frozen bf16 weights (2 bytes/param) plus,
+    for the search, the teacher cache ``layers * samples * seq_len * hidden * 2`` bytes, which the default
+    ``teacher_cache_gb=2`` caps (above it the cache is off and every step recomputes the teacher: ratio 4/3)."""
+    ratios = sorted(r["diep"]["wall_s"] / r["floor"]["wall_s"] for r in rows)
+    ratio = ratios[len(ratios) // 2]
+    out = {}
+    for name, t in TARGETS.items():
+        tokens = 128 * 2048
+        cache_gb = t["layers"] * tokens * t["hidden"] * 2 / 2**30
+        flops = 6 * t["active"] * tokens * 10  # 10 epochs
+        out[name] = {"floor_pflop": flops / 1e15, "search_over_floor": ratio if cache_gb <= 2 else 4 / 3,
+                     "weights_gb": t["params"] * 2 / 2**30, "teacher_cache_gb": cache_gb,
+                     "cache_used": cache_gb <= 2}
+    return out
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = ["## Search cost against model size", "",
+             f"Measured by: `{results['command']}` on {results['machine']}. Mixtral-shaped random models; "
+             f"{results['samples']} sequences of {results['seq_len']} tokens, batch {results['batch_size']}, "
+             f"{results['epochs']} epochs; each run in its own process.", "",
+             "| size (hidden x layers) | parameters | floor s | DiEP s | x floor | floor peak MB | DiEP peak MB | "
+             "x floor | teacher cache MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        f, d = r["floor"], r["diep"]
+        lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {f['wall_s']:.1f} | {d['wall_s']:.1f} | "
+                     f"{d['wall_s'] / f['wall_s']:.2f} | {f['peak_rss_mb']:.0f} | {d['peak_rss_mb']:.0f} | "
+                     f"{d['peak_rss_mb'] / f['peak_rss_mb']:.2f} | {d['teacher_cache_mb']:.1f} |")
+    fit = results["fit"]
+    lines += ["", f"Fitted growth over {results['rows'][0]['params'] / 1e6:.1f}M-{results['rows'][-1]['params'] / 1e6:.0f}M "
+              f"parameters: floor time ~ params^{fit['floor_time'][1]:.2f}, DiEP time ~ params^{fit['diep_time'][1]:.2f}, "
+              f"DiEP peak memory ~ params^{fit['diep_memory'][1]:.2f}.", "",
+              "Projected on paper (see `projection` in `benchmarks/search_cost.py`; 128 x 2048 calibration tokens, 10 "
+              "epochs, bf16):", "", "| model | floor compute (PFLOP) | search / floor time | weights GB | teacher "
+              "cache GB | cache used (default cap 2 GB) |", "|---|---|---|---|---|---|"]
+    for name, p in results["projection"].items():
+        lines.append(f"| {name} | {p['floor_pflop']:.1f} | {p['search_over_floor']:.2f} | {p['weights_gb']:.0f} | "
+                     f"{p['teacher_cache_gb']:.1f} | {'yes' if p['cache_used'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.search_cost", description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="128x2,256x4,512x4,1024x4")
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "search_cost.json"))
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    ap.add_argument("--child", choices=["floor", "diep"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.model_dir, args)))
+        return {}
+    from benchmarks.speed import machine
+
+    results: dict[str, Any] = {"command": "python -m benchmarks.search_cost " + " ".join(argv or []),
+                               "machine": machine(torch.device("cpu")), "samples": args.samples,
+                               "seq_len": args.seq_len, "batch_size": args.batch_size, "epochs": args.epochs,
+                               "rows": []}
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            hidden, layers = (int(x) for x in size.split("x"))
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config_for(hidden, layers, args.vocab), dtype=torch.float32)
+            params = sum(p.numel() for p in model.parameters())
+            model_dir = str(Path(tmp) / size)
+            model.save_pretrained(model_dir)
+            del model
+            row = {"size": size, "params": params}
+            for kind in ("floor", "diep"):
+                row[kind] = run_child(kind, model_dir, args)
+                print(f"   {size} ({params / 1e6:.1f}M) {kind}: {row[kind]}", flush=True)
+            results["rows"].append(row)
+    params = [r["params"] for r in results["rows"]]
+    results["fit"] = {"floor_time": fit_power(params, [r["floor"]["wall_s"] for r in results["rows"]]),
+                      "diep_time": fit_power(params, [r["diep"]["wall_s"] for r in results["rows"]]),
+                      "diep_memory": fit_power(params, [r["diep"]["peak_rss_mb"] for r in results["rows"]])}
+    results["projection"] = projection(results["rows"], args)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.results:
+        write_section(Path(args.results), "search_cost", report(results))
+    print(report(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Sections of RESULTS.md that other benchmarks own: each is written between its own markers, and
+``benchmarks.run`` keeps them when it rewrites the rest of the report."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_SECTION = re.compile(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", re.S)
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The begin and end markers of section ``name``."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def write_section(results_md: Path, name: str, body: str) -> None:
+    """Put ``body`` into RESULTS.md as section ``name``, replacing an earlier one."""
+    begin, end = markers(name)
+    section = f"{begin}\n{body.strip()}\n{end}"
+    text = results_md.read_text() if results_md.is_file() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    results_md.write_text(text)
+
+
+def kept_sections(text: str) -> str:
+    """Every marked section of an earlier RESULTS.md, in order, to append to a rewritten report."""
+    found = [m.group(0) for m in _SECTION.finditer(text)]
+    return "".join(f"\n{s}\n" for s in found)

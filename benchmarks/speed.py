@@ -1,0 +1,273 @@
+"""Speed at real layer shapes: decode and prefill tokens/s of full, pruned and skipping MoEs, side by side.
+
+    python -m benchmarks.speed                       # CPU, both shapes, fp32 and bf16: RESULTS.md section "speed"
+    python -m benchmarks.speed --device cuda         # the same on a GPU
+    python -m benchmarks.speed --shapes mixtral --dtypes float32 --repeats 2 --new-tokens 8   # a quick look
+
+The shipped tiny models are overhead-bound (hidden 192: per-layer Python work dominates), so their timings say
+nothing about what skipping or pruning saves. Here the MoE layers have real proportions, built from configs with
+random weights: a few decoder layers and a small vocabulary, so that the expert layers, not the LM head, take
+the time as they do in a 32-layer model.
+
+- ``mixtral``: hidden 1024, expert intermediate 3584 (1:3.5 as Mixtral), 8 experts, top-2.
+- ``qwen3``: hidden 1024, expert intermediate 384 (as Qwen3-30B-A3B's 2048:768), 64 experts, top-8 (Qwen3-MoE
+  has no shared expert).
+
+Variants: the full model, the full model with skipping, 25% and 50% of each layer's experts pruned (uniform, by
+routing frequency on the calibration tokens), each pruned model with skipping. Skipping is calibrated exactly as
+in real use (:func:`diep_lightning.skipping.calibrate_skipping` on calibration tokens, here random ids), and the
+skipped share it measures is reported. Every round measures every variant once, in turn, and ratios are taken
+within a round; the report gives the median ratio over rounds and its range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.sections import write_section
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "mixtral": dict(model_type="mixtral", hidden_size=1024, intermediate_size=3584, num_local_experts=8,
+                    num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=2, head_dim=128),
+    "qwen3": dict(model_type="qwen3_moe", hidden_size=1024, moe_intermediate_size=384, intermediate_size=3072,
+                  num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                  mlp_only_layers=[], num_attention_heads=8, num_key_value_heads=2, head_dim=128),
+}
+VARIANTS = ("full", "full_skip", "pruned_25", "pruned_25_skip", "pruned_50", "pruned_50_skip")
+
+
+def build(shape: str, layers: int, vocab: int, dtype: torch.dtype, seed: int = 0, hidden: int | None = None) -> Any:
+    """A random causal LM of the shape (transformers' own initialisation), in eval mode; ``hidden`` scales every
+    width by the same factor (for quick checks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SHAPES[shape])
+    model_type = spec.pop("model_type")
+    if hidden is not None:
+        factor = hidden / spec["hidden_size"]
+        for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "head_dim"):
+            if key in spec:
+                spec[key] = max(8, int(spec[key] * factor))
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, num_hidden_layers=layers,
+                                  max_position_embeddings=4096, tie_word_embeddings=False, **spec)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def calibration(vocab: int, batches: int = 4, batch: int = 4, seq_len: int = 128) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=gen)} for _ in range(batches)]
+
+
+@torch.no_grad()
+def frequency_scores(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """How often each expert is routed to on the calibration tokens (the ``frequency`` baseline's scores)."""
+    from diep_lightning.families import get_family
+    from diep_lightning.methods import FrequencyScorer
+
+    family = get_family(model)
+    blocks = family.blocks(model)
+    scorer = FrequencyScorer()
+    hooks = family.install_routing_capture(blocks, lambda b, h, i, w: scorer.observe(family, b, h, i, w))
+    for batch in batches:
+        model(input_ids=batch["input_ids"], use_cache=False)
+    hooks.remove()
+    return scorer.scores(family, blocks)
+
+
+def variants(shape: str, args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The models to time (a skipping variant is its pruned model with skipping switched on) and their facts."""
+    from diep_lightning.pipeline import prune
+    from diep_lightning.removal import size_report
+    from diep_lightning.skipping import calibrate_skipping
+
+    full = build(shape, args.layers, args.vocab, dtype, hidden=args.hidden)
+    batches = calibration(args.vocab)
+    scores = frequency_scores(full, batches)
+    models, facts = {"full": full}, {}
+    for sparsity in (0.25, 0.5):
+        models[f"pruned_{int(sparsity * 100)}"] = prune(copy.deepcopy(full), scores, sparsity, "uniform").model
+    for name in ("full", "pruned_25", "pruned_50"):
+        skipping = calibrate_skipping(models[name], batches)
+        shares = list(skipping.skipped_fraction.values())
+        facts[name] = {"expert_bytes": size_report(models[name])["expert_bytes"],
+                       "skipped_share": sum(shares) / len(shares)}
+    return models, facts
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def decode_tps(model: Any, batch: int, new_tokens: int, device: torch.device, prompt_len: int = 8) -> float:
+    """Greedy decode tokens/s: ``batch x new_tokens`` over the time of ``generate`` (prefill of a short prompt
+    included, the same for every variant)."""
+    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
+    prompt = prompt.to(device)
+    _sync(device)
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    _sync(device)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def prefill_tps(model: Any, tokens: int, device: torch.device) -> float:
+    """Tokens/s of one forward pass over a ``tokens``-long sequence (no cache)."""
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(3)).to(device)
+    _sync(device)
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    _sync(device)
+    return tokens / (time.perf_counter() - start)
+
+
+def measure(models: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list[float]]]:
+    """Every variant once per round, in turn: ``{variant: {metric: [per-round value]}}``."""
+    def run(name: str, metric: str) -> float:
+        base = name.removesuffix("_skip")
+        model = models[base]
+        context = model.diep_skipping.disabled() if not name.endswith("_skip") else _nothing()
+        with context:
+            if metric == "prefill":
+                return prefill_tps(model, args.prefill_tokens, device)
+            return decode_tps(model, int(metric.split("_")[1]), args.new_tokens, device)
+
+    metrics = ["decode_1", "decode_16", "prefill"]
+    for name in VARIANTS:  # warm-up: first calls allocate and pick kernels
+        run(name, "decode_1")
+    times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in VARIANTS}
+    for round_ in range(args.repeats):
+        for metric in metrics:
+            for name in VARIANTS:
+                times[name][metric].append(run(name, metric))
+        print(f"   round {round_ + 1}/{args.repeats}: " + ", ".join(
+            f"{n} {times[n]['decode_1'][-1]:.1f}/{times[n]['decode_16'][-1]:.1f}" for n in VARIANTS), flush=True)
+    return times
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def summarise(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per variant and metric: median tokens/s, and the median, min and max over rounds of its ratio to full."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, per_metric in times.items():
+        out[name] = {}
+        for metric, values in per_metric.items():
+            ratios = [v / f for v, f in zip(values, times["full"][metric])]
+            out[name][metric] = {"tps": statistics.median(values), "ratio": statistics.median(ratios),
+                                 "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    return out
+
+
+def machine(device: torch.device) -> str:
+    from tools.machine import cpu_name
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def report(results: dict[str, Any]) -> str:
+    device = results["device"]
+    lines = [f"## Speed at real layer shapes ({device})", "",
+             f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
+             f"{results['layers']} decoder layers with real layer proportions (see `benchmarks/speed.py`); "
+             f"greedy decode of {results['new_tokens']} new tokens at batch 1 and 16, prefill of "
+             f"{results['prefill_tokens']} tokens. Each cell: median tokens/s over {results['repeats']} rounds, and "
+             "the median ratio to the full model measured in the same round [min-max over rounds]. Skipped share: "
+             "chosen expert slots skipped on the calibration tokens.", ""]
+    for key, entry in results["runs"].items():
+        facts, summary = entry["facts"], entry["summary"]
+        lines += [f"### {key}", "", "| variant | expert bytes | skipped share | decode b=1 tok/s | x full | "
+                  "decode b=16 tok/s | x full | prefill tok/s | x full |", "|---|---|---|---|---|---|---|---|---|"]
+        for name in VARIANTS:
+            base = name.removesuffix("_skip")
+            share = f"{facts[base]['skipped_share']:.3f}" if name.endswith("_skip") else "0"
+            cells = []
+            for metric in ("decode_1", "decode_16", "prefill"):
+                m = summary[name][metric]
+                cells += [f"{m['tps']:.1f}", f"{m['ratio']:.2f} [{m['ratio_min']:.2f}-{m['ratio_max']:.2f}]"]
+            lines.append(f"| {name} | {facts[base]['expert_bytes']:,} | {share} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += targets_lines(results)
+    return "\n".join(lines)
+
+
+def targets_lines(results: dict[str, Any]) -> list[str]:
+    """Where the speed targets of ``targets.json`` stand, per shape and dtype (median ratio over rounds, and
+    whether the whole range clears it)."""
+    targets = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())["speed_ratio_min"]
+    lines = ["Targets (x the full model's tokens/s):", ""]
+    for key, entry in results["runs"].items():
+        for name, by_metric in targets.items():
+            for metric, least in by_metric.items():
+                m = entry["summary"][name][metric]
+                verdict = ("met" if m["ratio_min"] >= least else "met at the median, not in every round"
+                           if m["ratio"] >= least else "missed")
+                lines.append(f"- {key}: {name} {metric.replace('_', ' b=')} {m['ratio']:.2f}x "
+                             f"[{m['ratio_min']:.2f}-{m['ratio_max']:.2f}] (target >= {least:g}): {verdict}.")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="mixtral,qwen3", help=f"comma-separated: {', '.join(SHAPES)}")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=None, help="scale every width to this hidden size (quick checks)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "speed.json"))
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
+                    help="RESULTS.md to put the section into ('' for none)")
+    args = ap.parse_args(argv)
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results: dict[str, Any] = {"command": "python -m benchmarks.speed " + " ".join(argv or []),
+                               "machine": machine(device), "device": device.type, "layers": args.layers,
+                               "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
+                               "repeats": args.repeats, "runs": {}}
+    for shape in args.shapes.split(","):
+        for dtype_name in args.dtypes.split(","):
+            key = f"{shape} {dtype_name}"
+            print(f"== {key}", flush=True)
+            models, facts = variants(shape, args, getattr(torch, dtype_name))
+            for model in models.values():
+                model.to(device)
+            times = measure(models, args, device)
+            results["runs"][key] = {"facts": facts, "times": times, "summary": summarise(times)}
+            del models
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.results:
+        write_section(Path(args.results), f"speed_{device.type}", report(results))
+    print(report(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
