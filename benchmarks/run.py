@@ -260,6 +260,30 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
             for sparsity in sparsities:
                 model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
                 record(method, sparsity, None, model, plan, sizes)
+        # non-uniform peers: REAP normalised per layer and ranked globally (MoNE-style), the EvoESAP-style search
+        module, _ = search(model_dir, "reap", args, normalize="layer")
+        for sparsity in sparsities:
+            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
+            record("reap_global_norm", sparsity, None, model, plan, sizes)
+        for sparsity in sparsities:
+            module, _ = search(model_dir, "evo", args, evo_sparsity=sparsity, evo_population=args.evo_population,
+                               evo_generations=args.evo_generations)
+            module.check_pruning(sparsity, "global")
+            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
+            record("evo", sparsity, None, model, plan, sizes)
+        # references for the best achievable allocation (refused politely on models too large for them)
+        for method, kwargs in (("ablation", {}), ("greedy", {"greedy_until": max(sparsities)})):
+            try:
+                module, _ = search(model_dir, method, args, **kwargs)
+                module.check_pruning(max(sparsities), "global")
+                ref_scores = module.expert_scores()
+            except ValueError as err:
+                result["quality"][method] = {str(s): [{"refused": str(err)}] for s in sparsities}
+                print(f"   {method} refused: {err}", flush=True)
+                continue
+            for sparsity in sparsities:
+                model, plan, sizes, _ = prune(model_dir, ref_scores, sparsity, "global")
+                record(method, sparsity, None, model, plan, sizes)
         for sparsity in sparsities:
             try:
                 module, _ = search(model_dir, "naee", args, naee_keep=naee_keep(model_dir, sparsity))
@@ -321,7 +345,7 @@ def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-BASELINES = ("random", "frequency", "reap", "naee")
+BASELINES = ("random", "frequency", "reap", "naee", "reap_global_norm", "evo")
 LABELS = {"diep": "**diep**", "diep_merge": "diep+merge", "diep_skip": "diep+skip", "diep_uniform": "diep-uniform"}
 
 
@@ -537,6 +561,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--evo-population", type=int, default=16)
+    parser.add_argument("--evo-generations", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "benchmarks"))
     parser.add_argument("--jobs", type=int, default=1, help="models benchmarked in parallel processes")

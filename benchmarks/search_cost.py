@@ -105,7 +105,11 @@ def diep(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int) ->
 
 
 def child(kind: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
-    """Body of one measured process."""
+    """Body of one measured process. Both kinds import the same runtime (torch, transformers, Lightning, this
+    package) before the clock starts, so import time and the runtime's memory weigh the same on both sides."""
+    import lightning.pytorch  # noqa: F401
+
+    import diep_lightning.methods  # noqa: F401
     from benchmarks.run import peak_rss_mb
 
     torch.set_num_threads(args.threads)

@@ -157,6 +157,51 @@ def measure(models: dict[str, Any], args: argparse.Namespace, device: torch.devi
     return times
 
 
+def profiles(models: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, Any]]:
+    """:func:`profile` of every variant at batch 1 and 16 (untimed runs, hooks on the experts)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in VARIANTS:
+        model = models[name.removesuffix("_skip")]
+        context = model.diep_skipping.disabled() if not name.endswith("_skip") else _nothing()
+        with context:
+            out[name] = {f"decode_{b}": profile(model, b, args.new_tokens, device) for b in (1, 16)}
+    return out
+
+
+@torch.no_grad()
+def profile(model: Any, batch: int, new_tokens: int, device: torch.device) -> dict[str, float]:
+    """Where decode time goes: the share spent inside the experts modules, and the share of (layer, step) expert
+    weight matrices that no token used (only those are reads that skipping or pruning can save)."""
+    from diep_lightning.families import get_family
+    from diep_lightning.skipping import skip_mask
+
+    spent, used, seen = [0.0], [0], [0]
+    starts: dict[int, float] = {}
+
+    def pre(module: Any, args: Any) -> None:
+        _sync(device)
+        starts[id(module)] = time.perf_counter()
+        idx, w = args[1], args[2]
+        state = getattr(module, "diep_skip", None)
+        if state is not None and state.group.enabled:
+            idx = idx[~skip_mask(state, idx, w)]
+        used[0] += int(torch.unique(idx).numel())
+        seen[0] += module.num_experts
+
+    def post(module: Any, args: Any, out: Any) -> None:
+        _sync(device)
+        spent[0] += time.perf_counter() - starts.pop(id(module))
+
+    blocks = get_family(model).blocks(model)
+    handles = [h for b in blocks for h in (b.experts.register_forward_pre_hook(pre), b.experts.register_forward_hook(post))]
+    start = time.perf_counter()
+    decode_tps(model, batch, new_tokens, device)
+    total = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    return {"experts_time_share": spent[0] / total, "experts_used_share": used[0] / max(1, seen[0])}
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
@@ -206,6 +251,16 @@ def report(results: dict[str, Any]) -> str:
                 m = summary[name][metric]
                 cells += [f"{m['tps']:.1f}", f"{m['ratio']:.2f} [{m['ratio_min']:.2f}-{m['ratio_max']:.2f}]"]
             lines.append(f"| {name} | {facts[base]['expert_bytes']:,} | {share} | " + " | ".join(cells) + " |")
+        prof = entry.get("profile")
+        if prof:
+            lines += ["", "Where decode time goes (one untimed run with hooks on the experts modules): share of the time "
+                      "inside the experts, and share of (layer, step) expert weight matrices some token used:", "",
+                      "| variant | b=1 experts time | b=1 experts used | b=16 experts time | b=16 experts used |",
+                      "|---|---|---|---|---|"]
+            for name in VARIANTS:
+                p1, p16 = prof[name]["decode_1"], prof[name]["decode_16"]
+                lines.append(f"| {name} | {p1['experts_time_share']:.2f} | {p1['experts_used_share']:.2f} | "
+                             f"{p16['experts_time_share']:.2f} | {p16['experts_used_share']:.2f} |")
         lines.append("")
     lines += targets_lines(results)
     return "\n".join(lines)
@@ -260,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for model in models.values():
                 model.to(device)
             times = measure(models, args, device)
-            results["runs"][key] = {"facts": facts, "times": times, "summary": summarise(times)}
+            results["runs"][key] = {"facts": facts, "times": times, "summary": summarise(times),
+                                    "profile": profiles(models, args, device)}
             del models
             Path(args.out).write_text(json.dumps(results, indent=1))
     if args.results:

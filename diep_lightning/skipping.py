@@ -63,6 +63,13 @@ class _SkipState:
         return self.cast[key]
 
 
+def skip_mask(state: _SkipState, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(tokens, k) True where a chosen slot is skipped: ``w_e < gamma[e0, e] * w_e0``, never the top slot e0."""
+    top = w.argmax(dim=-1, keepdim=True)
+    skip = w < state.thresholds(w)[idx.gather(-1, top).expand_as(idx), idx] * w.gather(-1, top)
+    return skip.scatter_(-1, top, False)
+
+
 def _skipping_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                       *rest: Any) -> torch.Tensor:
     """The experts forward with skipping (bound to one experts module): skipped slots get the sentinel id N and
@@ -74,9 +81,7 @@ def _skipping_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.
     if not state.group.enabled:
         return stock(self, hidden, top_k_index, top_k_weights, *rest)
     w, idx = top_k_weights, top_k_index
-    top = w.argmax(dim=-1, keepdim=True)
-    skip = w < state.thresholds(w)[idx.gather(-1, top).expand_as(idx), idx] * w.gather(-1, top)
-    skip.scatter_(-1, top, False)
+    skip = skip_mask(state, idx, w)
     if state.group.counting:
         state.skipped = state.skipped + skip.sum()
         state.total += skip.numel()

@@ -16,9 +16,14 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     out = tmp_path / "bench"
     results = bench.main(["--models", tiny_mixtral_dir, "--seeds", "0", "--limit", "2", "--epochs", "1",
                           "--num-samples", "8", "--seq-len", "32", "--batch-size", "4", "--new-tokens", "4",
-                          "--out", str(out)])
+                          "--evo-population", "3", "--evo-generations", "2", "--out", str(out)])
     res = next(iter(results["models"].values()))
-    assert {"diep", "diep_uniform", "diep_merge", "diep_skip", "random", "frequency", "reap", "naee"} <= set(res["quality"])
+    assert {"diep", "diep_uniform", "diep_merge", "diep_skip", "random", "frequency", "reap", "naee",
+            "reap_global_norm", "evo", "ablation", "greedy"} <= set(res["quality"])
+    for method in ("evo", "greedy", "ablation", "reap_global_norm"):
+        for sparsity in ("0.25", "0.5"):
+            entry = res["quality"][method][sparsity][0]
+            assert sum(entry["kept_per_layer"]) == 16 - round(float(sparsity) * 16), (method, entry)
     for method in ("floor", "diep", "naee"):
         assert res["cost"][method]["wall_s"] > 0, res["cost"][method]
     assert res["decode"]["pruned_50"]["expert_bytes"] < res["decode"]["full"]["expert_bytes"]

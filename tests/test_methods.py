@@ -9,6 +9,10 @@ import torch
 from helpers import fit_args
 
 from diep_lightning.methods import FrequencyScorer, NaeeScorer, ReapScorer, make_scorer
+from diep_lightning.methods.ablation import AblationScorer
+from diep_lightning.methods.evo import EvoScorer
+from diep_lightning.methods.greedy import GreedyScorer
+from diep_lightning.pruning import select_experts
 from diep_lightning.families import get_family
 from diep_lightning.main import main
 from diep_lightning.testing import tiny_model
@@ -105,3 +109,120 @@ def test_baselines_run_through_the_cli_and_export(method, mode, tiny_mixtral_dir
     record = json.loads((export / "pruning.json").read_text())
     assert record["method"] == method
     assert sum(len(layer["removed"]) for layer in record["layers"]) == 4
+
+
+def test_reap_softmax_weighting_uses_the_raw_router_probability():
+    model = tiny_model("mixtral")
+    routing, raw = ReapScorer(), ReapScorer(weighting="softmax")
+    family, blocks, _ = _observe(model, routing)
+    _observe(model, raw)
+    seen = {}
+    hooks = family.install_routing_capture(blocks[:1], lambda b, h, i, w: seen.update(h=h, i=i))
+    with torch.no_grad():
+        model(TOKENS)
+    hooks.remove()
+    e = int(seen["i"][0, 0])
+    token, _ = (seen["i"] == e).nonzero(as_tuple=True)
+    with torch.no_grad():
+        out = family.expert_outputs(blocks[0], seen["h"][token], [e])[0]
+        probs = torch.softmax(seen["h"][token] @ blocks[0].router.weight.T, dim=-1)[:, e]
+    torch.testing.assert_close(raw.scores(family, blocks)[0][e], (out.norm(dim=-1) * probs).mean(), atol=1e-5,
+                               rtol=1e-5)
+    assert not torch.allclose(raw.scores(family, blocks)[0], routing.scores(family, blocks)[0])
+    with pytest.raises(ValueError, match="reap_weighting"):
+        ReapScorer(weighting="raw")
+
+
+def test_naee_uses_every_calibration_token_by_default():
+    model = tiny_model("mixtral")
+    scorer = NaeeScorer(keep=4)
+    _observe(model, scorer)
+    assert all(n == TOKENS.numel() for n in scorer.seen.values())
+    capped = NaeeScorer(keep=4, max_tokens=10)
+    _observe(model, capped)
+    assert all(n == 10 for n in capped.seen.values())
+
+
+def _evaluating(scorer, model_type="mixtral"):
+    """A model-evaluating scorer fed like BaselineModule feeds it: setup, the batch, then the routing."""
+    model = tiny_model(model_type)
+    family = get_family(model)
+    blocks = family.blocks(model)
+    scorer.setup(model, family, blocks)
+    scorer.observe_batch({"input_ids": TOKENS})
+    hooks = family.install_routing_capture(blocks, lambda b, h, i, w: scorer.observe(family, b, h, i, w))
+    with torch.no_grad():
+        model(TOKENS)
+    hooks.remove()
+    return model, family, blocks
+
+
+def _loss(model, family, removed):
+    import contextlib
+
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for block, ids in removed:
+            stack.enter_context(family.masked_routing(block, ids))
+        logits = model(TOKENS).logits
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), TOKENS[:, 1:].flatten()))
+
+
+def test_ablation_scores_are_the_loss_rise_of_removing_each_expert_alone():
+    scorer = AblationScorer()
+    model, family, blocks = _evaluating(scorer)
+    scores = scorer.scores(family, blocks)
+    base = _loss(model, family, [])
+    for block, e in ((blocks[0], 3), (blocks[1], 6)):
+        assert abs(float(scores[block.index][e]) - (_loss(model, family, [(block, [e])]) - base)) < 1e-5
+    with pytest.raises(ValueError, match="max_evaluations"):
+        AblationScorer(max_evaluations=10).check(blocks, 0.25, "global")
+
+
+def test_greedy_removes_the_cheapest_expert_first_and_its_order_is_the_selection():
+    scorer = GreedyScorer(until=0.25)
+    model, family, blocks = _evaluating(scorer)
+    scores = scorer.scores(family, blocks)
+    assert len(scorer.order) == 4
+    first = min(((b.index, e) for b in blocks for e in range(b.num_experts)),
+                key=lambda be: _loss(model, family, [(blocks[be[0]], [be[1]])]))
+    assert scorer.order[0] == first
+    plan = select_experts(scores, 0.25, [2, 2], "global")
+    assert sorted((i, e) for i, r in enumerate(plan.removed) for e in r) == sorted(scorer.order)
+    with pytest.raises(ValueError, match="raise greedy_until"):
+        scorer.check(blocks, 0.5, "global")
+    with pytest.raises(ValueError, match="max_evaluations"):
+        GreedyScorer(until=0.25, max_evaluations=20).check(blocks, 0.25, "global")
+
+
+def test_evo_allocates_the_budget_within_bounds_and_never_worse_than_uniform():
+    scorer = EvoScorer(sparsity=0.375, criterion="frequency", population=6, generations=4, seed=1)
+    model, family, blocks = _evaluating(scorer, "qwen2_moe")
+    scores = scorer.scores(family, blocks)
+    assert sum(8 - k for k in scorer.keep) == 6 and all(2 <= k <= 8 for k in scorer.keep)
+    plan = select_experts(scores, 0.375, [2, 2], "global")
+    assert [len(k) for k in plan.kept] == scorer.keep  # the global selection takes exactly the allocation
+    assert scorer.history == sorted(scorer.history)  # elitism: the best never gets worse
+    within = scorer.criterion.scores(family, blocks)
+    ranking = [sorted(range(8), key=lambda e, s=s: -float(s[e])) for s in within]
+    assert scorer.history[-1] >= scorer.evaluator.agreement(scorer._removed([5, 5], ranking))  # uniform was a candidate
+    with pytest.raises(ValueError, match="evo_sparsity"):
+        scorer.check(blocks, 0.25, "global")
+    with pytest.raises(ValueError, match="evo_sparsity"):
+        EvoScorer()
+
+
+def test_a_per_layer_score_ranked_globally_warns_unless_normalised(tiny_mixtral_dir, tmp_path):
+    import warnings
+
+    args = ["--model=BaselineModule", "--model.method=frequency", "--trainer.callbacks+=GlobalExpertPruning",
+            "--trainer.callbacks.sparsity=0.25", "--trainer.callbacks.mode=global"]
+    with pytest.warns(UserWarning, match="normalize=layer"):
+        main(fit_args(tiny_mixtral_dir, str(tmp_path / "raw"), *args,
+                      f"--trainer.callbacks.export_dir={tmp_path / 'raw_export'}", epochs=1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*normalize=layer.*")
+        main(fit_args(tiny_mixtral_dir, str(tmp_path / "norm"), *args, "--model.normalize=layer",
+                      f"--trainer.callbacks.export_dir={tmp_path / 'norm_export'}", epochs=1))
+    record = json.loads((tmp_path / "norm_export" / "pruning.json").read_text())
+    for layer in record["layers"]:
+        assert abs(sum(layer["scores"]) / len(layer["scores"]) - 1.0) < 1e-5  # each layer's mean is 1

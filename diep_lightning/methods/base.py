@@ -30,6 +30,16 @@ class Scorer:
     """
 
     name: str = ""
+    #: the scores' scale differs between layers (counts, norms): ranking them across layers needs normalising
+    per_layer_scale: bool = False
+    #: the scorer wants whole calibration batches (:meth:`observe_batch`) and the model (:meth:`setup`)
+    wants_batches: bool = False
+
+    def setup(self, model: Any, family: MoEFamily, blocks: Sequence[MoEBlock]) -> None:
+        """Called once the frozen model is loaded (methods that evaluate the model itself keep it here)."""
+
+    def observe_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Called with each calibration batch before it is routed (only when :attr:`wants_batches`)."""
 
     def observe(self, family: MoEFamily, block: MoEBlock, hidden: torch.Tensor, index: torch.Tensor,
                 weights: torch.Tensor) -> None:

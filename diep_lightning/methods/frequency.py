@@ -12,6 +12,7 @@ class FrequencyScorer(Scorer):
     """Number of routed tokens per expert."""
 
     name = "frequency"
+    per_layer_scale = True
 
     def __init__(self) -> None:
         self.counts: dict[int, torch.Tensor] = {}

@@ -19,12 +19,12 @@ class NaeeScorer(Scorer):
     Args:
         keep: experts each layer keeps (the size of the subsets searched).
         max_subsets: largest number of subsets per layer it agrees to try.
-        max_tokens: calibration tokens kept per layer for the search.
+        max_tokens: calibration tokens kept per layer for the search (None: all of them, as NAEE does).
     """
 
     name = "naee"
 
-    def __init__(self, keep: int | None = None, max_subsets: int = 20_000, max_tokens: int = 2048) -> None:
+    def __init__(self, keep: int | None = None, max_subsets: int = 20_000, max_tokens: int | None = None) -> None:
         if keep is None or isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"naee_keep: NAEE needs the number of experts each layer keeps (an integer >= 1, e.g. "
                              f"--model.naee_keep=4 for sparsity 0.5 of 8 experts), got {keep!r}")
@@ -55,9 +55,10 @@ class NaeeScorer(Scorer):
 
     def observe(self, family, block, hidden, index, weights):
         seen = self.seen.get(block.index, 0)
-        if seen >= self.max_tokens:
+        cap = self.max_tokens if self.max_tokens is not None else hidden.shape[0] + seen
+        if seen >= cap:
             return
-        take = hidden[: self.max_tokens - seen].detach()
+        take = hidden[: cap - seen].detach()
         self.hidden.setdefault(block.index, []).append(take)
         self.seen[block.index] = seen + take.shape[0]
 

@@ -1,0 +1,75 @@
+"""``greedy``: remove, one at a time, the expert whose removal raises the calibration loss least, never leaving a
+layer under its top-k; the removal order is the ranking (a reference for the best achievable allocation, one
+model evaluation per candidate, meant for small models)."""
+
+from __future__ import annotations
+
+import torch
+
+from diep_lightning.methods.base import Scorer, register_method
+from diep_lightning.methods.masked_loss import MaskedLoss
+
+
+@register_method
+class GreedyScorer(Scorer):
+    """Greedy removal by calibration loss.
+
+    Args:
+        until: removal stops once this fraction of all routed experts is removed; pruning may ask for up to it.
+        max_evaluations: refuse when the removals would need more loss evaluations than this.
+        reference_tokens: calibration tokens every evaluation runs over.
+    """
+
+    name = "greedy"
+    wants_batches = True
+
+    def __init__(self, until: float = 0.5, max_evaluations: int = 5000, reference_tokens: int = 8192) -> None:
+        if not 0 < until < 1:
+            raise ValueError(f"greedy_until: a fraction of the experts in (0, 1), got {until!r}")
+        self.until, self.max_evaluations = until, max_evaluations
+        self.evaluator = MaskedLoss(reference_tokens)
+        self.order: list[tuple[int, int]] = []
+
+    def setup(self, model, family, blocks):
+        self.evaluator.setup(model, family, blocks)
+
+    def observe_batch(self, batch):
+        self.evaluator.keep(batch)
+
+    def _steps(self, blocks) -> int:
+        total = sum(b.num_experts for b in blocks)
+        room = sum(b.num_experts - b.top_k for b in blocks)
+        return min(round(self.until * total), room)
+
+    def check(self, blocks, sparsity, mode):
+        steps, total = self._steps(blocks), sum(b.num_experts for b in blocks)
+        needed = sum(total - t for t in range(steps))  # at most every remaining expert is a candidate
+        if needed > self.max_evaluations:
+            raise ValueError(f"method: greedy would need up to {needed} loss evaluations, over max_evaluations="
+                             f"{self.max_evaluations}; it is a reference for small models")
+        if round(sparsity * total) > steps:
+            raise ValueError(f"greedy_until: removal stops at {steps} experts, sparsity {sparsity} removes "
+                             f"{round(sparsity * total)}; raise greedy_until")
+
+    def scores(self, family, blocks):
+        removed: dict[int, list[int]] = {b.index: [] for b in blocks}
+        self.order = []
+        for _ in range(self._steps(blocks)):
+            best, best_loss = None, float("inf")
+            for block in blocks:
+                if block.num_experts - len(removed[block.index]) <= block.top_k:
+                    continue
+                for e in range(block.num_experts):
+                    if e in removed[block.index]:
+                        continue
+                    trial = {**removed, block.index: [*removed[block.index], e]}
+                    loss = self.evaluator.loss(trial)
+                    if loss < best_loss:
+                        best, best_loss = (block.index, e), loss
+            removed[best[0]].append(best[1])
+            self.order.append(best)
+        # removed first = lowest score; never removed: above every removed one
+        scores = [torch.full((b.num_experts,), float(len(self.order) + 1)) for b in blocks]
+        for step, (layer, e) in enumerate(self.order):
+            scores[layer][e] = float(step)
+        return scores
