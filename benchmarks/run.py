@@ -151,7 +151,13 @@ def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str
 
 
 def headline(results: dict[str, Any]) -> dict[str, float]:
-    return {task: results.get(f"{task}/{metric}") for task, metric in HEADLINE.items() if f"{task}/{metric}" in results}
+    """Each task's headline metric, and its standard error as ``<task>_stderr`` when lm-eval computed one."""
+    out = {task: results.get(f"{task}/{metric}") for task, metric in HEADLINE.items() if f"{task}/{metric}" in results}
+    for task, metric in HEADLINE.items():
+        stderr = (results.get(task) or {}).get(f"{metric}_stderr")
+        if task in out and isinstance(stderr, (int, float)):
+            out[f"{task}_stderr"] = float(stderr)
+    return out
 
 
 def evaluate_model(model: Any, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
@@ -164,7 +170,8 @@ def evaluate_model(model: Any, model_dir: str, args: argparse.Namespace) -> dict
     scores: dict[str, float] = {}
     for limit in sorted({limits.get(t, args.limit) for t in TASKS}, key=str):
         tasks = [t for t in TASKS if limits.get(t, args.limit) == limit]
-        scores.update(headline(evaluate(model, tokenizer=tokenizer, tasks=tasks, limit=limit, batch_size=32)))
+        scores.update(headline(evaluate(model, tokenizer=tokenizer, tasks=tasks, limit=limit, batch_size=32,
+                                        bootstrap_iters=args.bootstrap_iters)))
     return scores
 
 
@@ -338,6 +345,12 @@ def measure_cost_and_decode(model_dir: str, args: argparse.Namespace, result: di
 
 
 # ---------------------------------------------------------------------------------------------- report
+def _se(entries: list[dict], task: str) -> str:
+    """`` (se X)``: the mean over seeds of lm-eval's standard error of ``task``, or nothing without one."""
+    values = [e["metrics"][f"{task}_stderr"] for e in entries if f"{task}_stderr" in e.get("metrics", {})]
+    return f" (se {statistics.mean(values):.2g})" if values else ""
+
+
 def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
     values = [e["metrics"].get(task) for e in entries if "metrics" in e and e["metrics"].get(task) is not None]
     if not values:
@@ -441,12 +454,14 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
         if res.get("checkpoint_sha256"):
             lines += [f"Checkpoint: `model.safetensors` sha256 `{res['checkpoint_sha256'][:16]}…` "
                       f"(compare with `sha256sum models/{model_name}/model.safetensors`).", ""]
-        lines += ["Quality relative to the full model (mean ± std over seeds where several; "
-                  "perplexity: lower is better, ratios > 1 are worse; accuracies: ratio of accuracies).", ""]
+        lines += ["Quality relative to the full model (mean ± std over seeds where several; se: lm-eval's standard "
+                  "error over documents/pairs (bootstrap for perplexity), mean over seeds; perplexity: lower is "
+                  "better, ratios > 1 are worse; accuracies: ratio of accuracies).", ""]
         full = res["full"]
         lines.append("| method | sparsity | " + " | ".join(TASKS) + " |")
         lines.append("|---|---|" + "---|" * len(TASKS))
-        lines.append("| full | 0 | " + " | ".join(f"{full.get(t, float('nan')):.4g}" for t in TASKS) + " |")
+        lines.append("| full | 0 | " + " | ".join(f"{full.get(t, float('nan')):.4g}" + _se([{"metrics": full}], t)
+                                               for t in TASKS) + " |")
         for method, by_sparsity in res["quality"].items():
             for sparsity, entries in by_sparsity.items():
                 if entries and "refused" in entries[0]:
@@ -459,7 +474,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
                         cells.append("n/a")
                         continue
                     mean, std = summary
-                    cells.append(f"{mean:.4g}" + (f" ± {std:.2g}" if len(entries) > 1 else "") +
+                    cells.append(f"{mean:.4g}" + (f" ± {std:.2g}" if len(entries) > 1 else "") + _se(entries, task) +
                                  f" ({mean / full[task]:.3f}x)")
                 lines.append(f"| {method} | {sparsity} | " + " | ".join(cells) + " |")
         if "wall_s" in res.get("cost", {}).get("floor", {}):
@@ -561,6 +576,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--bootstrap-iters", type=int, default=100,
+                        help="lm-eval bootstrap iterations for the standard errors (0: none)")
     parser.add_argument("--evo-population", type=int, default=16)
     parser.add_argument("--evo-generations", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)

@@ -29,6 +29,7 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert res["decode"]["pruned_50"]["expert_bytes"] < res["decode"]["full"]["expert_bytes"]
     report = (out / "RESULTS.md").read_text()
     assert "| diep | 0.5 |" in report and "Search cost" in report
+    assert "kit_blimp_stderr" in res["full"] and " (se " in report  # every quality figure carries its uncertainty
     # the targets are computed from the run, so a re-run never loses them
     assert "## Where each target stands" in report and "DiEP search" in report and "decode full_skip" in report
     assert json.loads((out / "results.json").read_text())["models"]
