@@ -23,6 +23,7 @@ within a round; the report gives the median ratio over rounds and its range.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -104,6 +105,11 @@ def variants(shape: str, args: argparse.Namespace, dtype: torch.dtype) -> tuple[
     return models, facts
 
 
+def _skipping(model: Any, variant: str) -> Any:
+    """Skipping on for a ``*_skip`` variant, off otherwise (the same model object serves both)."""
+    return contextlib.nullcontext() if variant.endswith("_skip") else model.diep_skipping.disabled()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,10 +142,8 @@ def prefill_tps(model: Any, tokens: int, device: torch.device) -> float:
 def measure(models: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list[float]]]:
     """Every variant once per round, in turn: ``{variant: {metric: [per-round value]}}``."""
     def run(name: str, metric: str) -> float:
-        base = name.removesuffix("_skip")
-        model = models[base]
-        context = model.diep_skipping.disabled() if not name.endswith("_skip") else _nothing()
-        with context:
+        model = models[name.removesuffix("_skip")]
+        with _skipping(model, name):
             if metric == "prefill":
                 return prefill_tps(model, args.prefill_tokens, device)
             return decode_tps(model, int(metric.split("_")[1]), args.new_tokens, device)
@@ -162,8 +166,7 @@ def profiles(models: dict[str, Any], args: argparse.Namespace, device: torch.dev
     out: dict[str, dict[str, Any]] = {}
     for name in VARIANTS:
         model = models[name.removesuffix("_skip")]
-        context = model.diep_skipping.disabled() if not name.endswith("_skip") else _nothing()
-        with context:
+        with _skipping(model, name):
             out[name] = {f"decode_{b}": profile(model, b, args.new_tokens, device) for b in (1, 16)}
     return out
 
@@ -200,14 +203,6 @@ def profile(model: Any, batch: int, new_tokens: int, device: torch.device) -> di
     for handle in handles:
         handle.remove()
     return {"experts_time_share": spent[0] / total, "experts_used_share": used[0] / max(1, seen[0])}
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def summarise(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:

@@ -90,8 +90,8 @@ class EvoScorer(Scorer):
             uniform[i] -= 1
 
         def fitness(keep: list[int]) -> tuple[float, float]:
-            removed = self._removed(keep, ranking)
-            return self.evaluator.agreement(removed), -self.evaluator.loss(removed)
+            agreement, loss = self.evaluator.evaluate(self._removed(keep, ranking))  # one pass for both
+            return agreement, -loss
 
         population = [uniform] + [self._mutate(self._mutate(uniform, low, sizes), low, sizes)
                                   for _ in range(self.population - 1)]

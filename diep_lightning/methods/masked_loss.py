@@ -60,17 +60,23 @@ class MaskedLoss:
 
     def loss(self, removed: Mapping[int, Sequence[int]]) -> float:
         """Mean next-token cross-entropy on the kept batches with ``removed[block index]`` masked."""
-        total, count = 0.0, 0
-        for ids, logits in zip(self.batches, self._logits(removed)):
+        return self.evaluate(removed, agreement=False)[1]
+
+    def agreement(self, removed: Mapping[int, Sequence[int]]) -> float:
+        """Teacher-forced agreement: the share of positions whose top-1 next token equals the full model's."""
+        return self.evaluate(removed)[0]
+
+    def evaluate(self, removed: Mapping[int, Sequence[int]], agreement: bool = True) -> tuple[float, float]:
+        """(agreement, loss) from one pass of the masked model (agreement is nan when not asked for)."""
+        if agreement and self._reference is None:
+            self._reference = [logits.argmax(-1) for logits in self._logits({})]
+        total, count, same = 0.0, 0, 0
+        for i, (ids, logits) in enumerate(zip(self.batches, self._logits(removed))):
             target = ids[:, 1:].to(logits.device)
             total += float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(),
                                                              reduction="sum"))
             count += target.numel()
-        return total / count
-
-    def agreement(self, removed: Mapping[int, Sequence[int]]) -> float:
-        """Teacher-forced agreement: the share of positions whose top-1 next token equals the full model's."""
-        if self._reference is None:
-            self._reference = [logits.argmax(-1) for logits in self._logits({})]
-        same = sum(int((logits.argmax(-1) == ref).sum()) for logits, ref in zip(self._logits(removed), self._reference))
-        return same / sum(ref.numel() for ref in self._reference)
+            if agreement:
+                same += int((logits.argmax(-1) == self._reference[i]).sum())
+        share = same / sum(ref.numel() for ref in self._reference) if agreement else float("nan")
+        return share, total / count
