@@ -100,6 +100,25 @@ def floor_pass(model_dir: str, args: argparse.Namespace) -> None:
     handle.remove()
 
 
+def reference_kwargs(args: argparse.Namespace) -> dict[str, int]:
+    """Evaluation size and limit of the references (ablation, greedy)."""
+    return {"reference_tokens": args.reference_tokens, "max_evaluations": args.max_evaluations}
+
+
+def cost_search(model_dir: str, row: str, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The method and search arguments behind a cost-table row, as the quality phase runs it at 50% sparsity."""
+    if row == "reap_global_norm":
+        return "reap", {"normalize": "layer"}
+    if row == "naee":
+        return "naee", {"naee_keep": naee_keep(model_dir, 0.5)}
+    if row == "evo":
+        return "evo", {"evo_sparsity": 0.5, "evo_population": args.evo_population,
+                       "evo_generations": args.evo_generations, "reference_tokens": args.reference_tokens}
+    if row in ("ablation", "greedy"):
+        return row, {**reference_kwargs(args), **({"greedy_until": 0.5} if row == "greedy" else {})}
+    return row, {}
+
+
 def cost_child(model_dir: str, method: str, args: argparse.Namespace) -> dict[str, float]:
     """Body of a cost subprocess: time one method's search and report this process's peak RSS."""
     torch.manual_seed(0)
@@ -107,10 +126,9 @@ def cost_child(model_dir: str, method: str, args: argparse.Namespace) -> dict[st
     if method == "floor":
         floor_pass(model_dir, args)
     else:
-        kwargs = {"naee_keep": naee_keep(model_dir, 0.5)} if method == "naee" else {}
-        module, _ = search(model_dir, method, args, **kwargs)
-        if method == "naee":
-            module.expert_scores()  # NAEE's subset search happens at scoring
+        name, kwargs = cost_search(model_dir, method, args)
+        module, _ = search(model_dir, name, args, **kwargs)
+        module.expert_scores()  # NAEE's subset search, evo, ablation and greedy do their work at scoring
     wall = time.perf_counter() - start
     return {"wall_s": wall, "peak_rss_mb": peak_rss_mb()}
 
@@ -128,7 +146,9 @@ def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[
     """Run :func:`cost_child` in a fresh process (so peak memory is the method's own)."""
     cmd = [sys.executable, "-m", "benchmarks.run", "--cost-child", method, "--models", model_dir,
            "--epochs", str(args.epochs), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size), "--evo-population", str(args.evo_population),
+           "--evo-generations", str(args.evo_generations), "--reference-tokens", str(args.reference_tokens),
+           "--max-evaluations", str(args.max_evaluations)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if out.returncode != 0:
@@ -170,8 +190,11 @@ def evaluate_model(model: Any, model_dir: str, args: argparse.Namespace) -> dict
     scores: dict[str, float] = {}
     for limit in sorted({limits.get(t, args.limit) for t in TASKS}, key=str):
         tasks = [t for t in TASKS if limits.get(t, args.limit) == limit]
-        scores.update(headline(evaluate(model, tokenizer=tokenizer, tasks=tasks, limit=limit, batch_size=32,
-                                        bootstrap_iters=args.bootstrap_iters)))
+        raw = evaluate(model, tokenizer=tokenizer, tasks=tasks, limit=limit, batch_size=32,
+                       bootstrap_iters=args.bootstrap_iters, per_document=True)
+        scores.update(headline(raw))
+        for task in tasks:  # each document's headline metric, for the paired comparisons of the report
+            scores.setdefault("per_document", {})[task] = raw["per_document"].get(task, {}).get(HEADLINE[task], [])
     return scores
 
 
@@ -236,7 +259,7 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         entry.append({"seed": seed, "metrics": scores, "expert_bytes": sizes["expert_bytes"],
                       "kept_per_layer": [len(k) for k in plan.kept]})
         print(f"   {method:<14} sparsity {sparsity:.2f} seed {seed}: " +
-              ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
+              ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, (int, float))), flush=True)
 
     if "quality" in args.phases:
         # DiEP: one search per data seed serves every sparsity
@@ -274,12 +297,13 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
             record("reap_global_norm", sparsity, None, model, plan, sizes)
         for sparsity in sparsities:
             module, _ = search(model_dir, "evo", args, evo_sparsity=sparsity, evo_population=args.evo_population,
-                               evo_generations=args.evo_generations)
+                               evo_generations=args.evo_generations, reference_tokens=args.reference_tokens)
             module.check_pruning(sparsity, "global")
             model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
             record("evo", sparsity, None, model, plan, sizes)
         # references for the best achievable allocation (refused politely on models too large for them)
-        for method, kwargs in (("ablation", {}), ("greedy", {"greedy_until": max(sparsities)})):
+        for method, kwargs in (("ablation", reference_kwargs(args)),
+                               ("greedy", {"greedy_until": max(sparsities), **reference_kwargs(args)})):
             try:
                 module, _ = search(model_dir, method, args, **kwargs)
                 module.check_pruning(max(sparsities), "global")
@@ -322,7 +346,7 @@ def measure_cost_and_decode(model_dir: str, args: argparse.Namespace, result: di
         module, dm0 = search(model_dir, "diep", args, data_seed=42)
         scores0 = module.expert_scores()
     if "cost" in args.phases:
-        for method in ("floor", "diep", "frequency", "reap", "naee"):
+        for method in ("floor", "diep", "frequency", "reap", "reap_global_norm", "naee", "evo", "ablation", "greedy"):
             result["cost"][method] = measure_cost(model_dir, method, args)
             print(f"   cost {method}: {result['cost'][method]}", flush=True)
     if "decode" in args.phases:  # full, pruned 50%, pruned 50% + skipping, and skipping alone
@@ -359,6 +383,88 @@ def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
 
 
 BASELINES = ("random", "frequency", "reap", "naee", "reap_global_norm", "evo")
+#: what DiEP is compared with, document by document: its own uniform ablation, the peers, the references
+COMPARED = ("diep_uniform", "reap_global_norm", "evo", "greedy", "ablation", "reap", "frequency", "naee", "random")
+
+
+def _documents(entries: list[dict], task: str) -> list | None:
+    """Each document's headline value, averaged over the entries (seeds); a perplexity document is
+    ``[loglikelihood, words]``."""
+    runs = [e["metrics"]["per_document"][task] for e in entries
+            if e.get("metrics", {}).get("per_document", {}).get(task)]
+    if not runs or len({len(r) for r in runs}) != 1:
+        return None
+    if task in LOWER_IS_BETTER:
+        return [[statistics.mean(r[i][0] for r in runs), runs[0][i][1]] for i in range(len(runs[0]))]
+    return [statistics.mean(r[i] for r in runs) for i in range(len(runs[0]))]
+
+
+def paired_bootstrap(a: list, b: list, task: str, iters: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """A against B on the same documents: the perplexity ratio A / B (other tasks: the difference A - B) and its
+    95% paired-bootstrap interval, documents resampled with replacement."""
+    n = len(a)
+    idx = torch.randint(0, n, (iters, n), generator=torch.Generator().manual_seed(seed))
+    if task in LOWER_IS_BETTER:
+        ll_a, ll_b, words = (torch.tensor([d[k] for d in docs], dtype=torch.float64)
+                             for docs, k in ((a, 0), (b, 0), (a, 1)))
+
+        def ratio(rows: Any) -> torch.Tensor:
+            w = words[rows].sum(-1)
+            return torch.exp((ll_b[rows].sum(-1) - ll_a[rows].sum(-1)) / w)
+
+        point, boot = float(ratio(torch.arange(n))), ratio(idx)
+    else:
+        diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+        point, boot = float(diff.mean()), diff[idx].mean(-1)
+    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return point, low, high
+
+
+def verdict(task: str, low: float, high: float) -> str:
+    """``better`` / ``worse`` for DiEP when the whole interval says so, else ``within noise``."""
+    if task in LOWER_IS_BETTER:  # a perplexity ratio DiEP / method
+        return "better" if high < 1 else "worse" if low > 1 else "within noise"
+    return "better" if low > 0 else "worse" if high < 0 else "within noise"
+
+
+def comparisons(res: dict[str, Any], sparsity: str) -> dict[str, dict[str, tuple[float, float, float, str]]]:
+    """peer -> task -> (point, low, high, verdict) for DiEP (its seeds averaged per document) against each peer."""
+    diep = res["quality"].get("diep", {}).get(sparsity, [])
+    out: dict[str, dict[str, tuple[float, float, float, str]]] = {}
+    for peer in COMPARED:
+        entries = res["quality"].get(peer, {}).get(sparsity, [])
+        for task in ("kit_wikitext2", "kit_blimp"):
+            a, b = _documents(diep, task), _documents(entries, task)
+            if a is None or b is None or len(a) != len(b):
+                continue
+            point, low, high = paired_bootstrap(a, b, task)
+            out.setdefault(peer, {})[task] = (point, low, high, verdict(task, low, high))
+    return out
+
+
+def comparison_section(results: dict[str, Any]) -> list[str]:
+    """DiEP against every other method, document by document, with 95% paired-bootstrap intervals."""
+    lines = ["## DiEP against each method, paired", "",
+             "DiEP (its seeds averaged per document) against each method on the same documents: WikiText-2 word "
+             "perplexity as the ratio DiEP / method (< 1: DiEP better) and BLiMP as DiEP's accuracy minus the "
+             "method's, in points, each with its 95% paired-bootstrap interval over articles / pairs (2000 "
+             "resamples). A verdict is `better` or `worse` only when the whole interval says so, else `within "
+             "noise`; the spread over DiEP's seeds is in the quality tables (± std).", "",
+             "| model | sparsity | method | perplexity DiEP / method [95%] | verdict | BLiMP DiEP - method, points [95%] "
+             "| verdict |", "|---|---|---|---|---|---|---|"]
+    for name, res in results["models"].items():
+        for sparsity in sorted(res.get("quality", {}).get("diep", {}), key=float):
+            for peer, tasks in comparisons(res, sparsity).items():
+                cells = []
+                for task in ("kit_wikitext2", "kit_blimp"):
+                    if task not in tasks:
+                        cells += ["n/a", ""]
+                        continue
+                    point, low, high, said = tasks[task]
+                    scale = 1 if task in LOWER_IS_BETTER else 100
+                    cells += [f"{point * scale:.3g} [{low * scale:.3g}, {high * scale:.3g}]", said]
+                lines.append(f"| {name} | {float(sparsity):.0%} | {peer} | " + " | ".join(cells) + " |")
+    return lines + [""]
 LABELS = {"diep": "**diep**", "diep_merge": "diep+merge", "diep_skip": "diep+skip", "diep_uniform": "diep-uniform"}
 
 
@@ -394,13 +500,19 @@ def targets_section(results: dict[str, Any]) -> list[str]:
             order_b = ", ".join(f"{LABELS.get(m, m)} {v:.3f}" for m, v in sorted(blimp.items(), key=lambda kv: -kv[1]))
             lines.append(f"| {name} {float(sparsity):.0%} | {order_p} | {order_b} |")
             if "diep" in ppl:
-                beaten_p = [b for b in BASELINES if b in ppl and ppl["diep"] < ppl[b]]
-                beaten_b = [b for b in BASELINES if b in blimp and blimp["diep"] > blimp[b]]
-                present = [b for b in BASELINES if b in ppl]
-                checks.append(f"- {name} {float(sparsity):.0%}: DiEP beats {len(beaten_p)}/{len(present)} baselines on "
-                              f"perplexity ({', '.join(beaten_p) or 'none'}) and {len(beaten_b)}/{len(present)} on BLiMP "
-                              f"({', '.join(beaten_b) or 'none'})"
-                              + (f"; merging {'improves' if ppl['diep_merge'] < ppl['diep'] else 'does not improve'} "
+                said = comparisons(res, sparsity)
+
+                def grouped(task: str) -> str:
+                    by_verdict: dict[str, list[str]] = {}
+                    for peer in COMPARED:
+                        if task in said.get(peer, {}):
+                            by_verdict.setdefault(said[peer][task][3], []).append(peer)
+                    return "; ".join(f"{v} than {', '.join(p)}" if v != "within noise" else f"within noise of {', '.join(p)}"
+                                     for v, p in sorted(by_verdict.items())) or "no paired figures"
+
+                checks.append(f"- {name} {float(sparsity):.0%}: on perplexity DiEP is {grouped('kit_wikitext2')}. "
+                              f"On BLiMP: {grouped('kit_blimp')}"
+                              + (f". Merging {'improves' if ppl['diep_merge'] < ppl['diep'] else 'does not improve'} "
                                  f"perplexity ({ppl['diep']:.3f} -> {ppl['diep_merge']:.3f})" if "diep_merge" in ppl else "")
                               + ".")
             seed0 = {m: e[0]["metrics"].get("kit_blimp") for m, e in
@@ -497,6 +609,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
                 lines.append(f"| {label} | {row['batch_1']:.1f} | {row['batch_1'] / base['batch_1']:.3f} | "
                              f"{row['batch_16']:.1f} | {row['batch_16'] / base['batch_16']:.3f} | {row['expert_bytes']:,} |")
         lines.append("")
+    lines += comparison_section(results)
     lines += targets_section(results)
     lines += ["What was tried to make DiEP stronger, with what it gave: [TUNING.md](TUNING.md).", ""]
     previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else ""
@@ -565,7 +678,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int) -> dict[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe")
+    parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep")
     parser.add_argument("--sparsities", default="0.25,0.5")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--limit", type=float, default=100, help="documents per multiple-choice task")
@@ -580,6 +693,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="lm-eval bootstrap iterations for the standard errors (0: none)")
     parser.add_argument("--evo-population", type=int, default=16)
     parser.add_argument("--evo-generations", type=int, default=20)
+    parser.add_argument("--reference-tokens", type=int, default=4096,
+                        help="calibration tokens each model evaluation of evo and the ablation and greedy references "
+                             "runs over")
+    parser.add_argument("--max-evaluations", type=int, default=5000,
+                        help="the references are refused on models that would need more loss evaluations")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "benchmarks"))
     parser.add_argument("--jobs", type=int, default=1, help="models benchmarked in parallel processes")

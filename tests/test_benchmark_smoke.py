@@ -24,12 +24,16 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
         for sparsity in ("0.25", "0.5"):
             entry = res["quality"][method][sparsity][0]
             assert sum(entry["kept_per_layer"]) == 16 - round(float(sparsity) * 16), (method, entry)
-    for method in ("floor", "diep", "naee"):
+    for method in ("floor", "diep", "naee", "reap_global_norm", "evo", "ablation", "greedy"):
         assert res["cost"][method]["wall_s"] > 0, res["cost"][method]
     assert res["decode"]["pruned_50"]["expert_bytes"] < res["decode"]["full"]["expert_bytes"]
     report = (out / "RESULTS.md").read_text()
     assert "| diep | 0.5 |" in report and "Search cost" in report
     assert "kit_blimp_stderr" in res["full"] and " (se " in report  # every quality figure carries its uncertainty
+    # each document's figure is kept, so DiEP is compared with every method on the same documents
+    pairs = res["full"]["per_document"]["kit_blimp"]
+    assert len(pairs) > 34 and abs(sum(pairs) / len(pairs) - res["full"]["kit_blimp"]) < 1e-9
+    assert "## DiEP against each method, paired" in report and "% | evo | " in report
     # the targets are computed from the run, so a re-run never loses them
     assert "## Where each target stands" in report and "DiEP search" in report and "decode full_skip" in report
     assert json.loads((out / "results.json").read_text())["models"]
@@ -100,3 +104,20 @@ def test_search_cost_benchmark_smoke(tmp_path):
         assert row["diep"]["teacher_cache_mb"] > 0  # the cache filled in the first epoch
     assert set(results["projection"]) == {"Mixtral-8x7B", "Qwen3-30B-A3B"}
     assert "<!-- search_cost:begin -->" in results_md.read_text()
+
+
+def test_paired_bootstrap_verdicts():
+    same = [1.0, 0.0, 1.0, 1.0, 0.0] * 20
+    point, low, high = bench.paired_bootstrap(same, same, "kit_blimp")
+    assert (point, low, high) == (0.0, 0.0, 0.0) and bench.verdict("kit_blimp", low, high) == "within noise"
+    better = [1.0] * 90 + [0.0] * 10
+    worse = [1.0] * 40 + [0.0] * 60
+    point, low, high = bench.paired_bootstrap(better, worse, "kit_blimp")
+    assert abs(point - 0.5) < 1e-12 and low > 0 and bench.verdict("kit_blimp", low, high) == "better"
+    assert bench.verdict("kit_blimp", *bench.paired_bootstrap(worse, better, "kit_blimp")[1:]) == "worse"
+    # perplexity documents are [loglikelihood, words]; the ratio is exp of the per-word loglikelihood gap
+    a = [[-100.0 * (1 + i % 3), 50.0] for i in range(12)]
+    b = [[d[0] - 10.0, 50.0] for d in a]  # B loses 10 nats per 50-word article everywhere
+    point, low, high = bench.paired_bootstrap(a, b, "kit_wikitext2")
+    assert abs(point - __import__("math").exp(-0.2)) < 1e-9 and high < 1
+    assert bench.verdict("kit_wikitext2", low, high) == "better"

@@ -320,7 +320,8 @@ def build_config(arch: str, tokenizer: Any, seq_len: int, aux_coef: float) -> An
     """Create the model configuration for one architecture.
 
     Args:
-        arch: ``"mixtral"`` or ``"qwen-moe"``.
+        arch: ``"mixtral"``, ``"qwen-moe"`` or ``"mixtral-deep"`` (8 MoE layers of a narrower width, so that
+            redundancy can differ between layers and allocators have something to separate).
         tokenizer: The tokenizer (for vocabulary size and special token ids).
         seq_len: Training context length (stored as ``max_position_embeddings``).
         aux_coef: Router load-balancing loss coefficient.
@@ -352,6 +353,17 @@ def build_config(arch: str, tokenizer: Any, seq_len: int, aux_coef: float) -> An
         return MixtralConfig(
             hidden_size=192,
             intermediate_size=224,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+            **common,
+        )
+    if arch == "mixtral-deep":
+        common.update(num_hidden_layers=8)  # head_dim 32: a size vLLM's CPU attention serves
+        return MixtralConfig(
+            hidden_size=128,
+            intermediate_size=192,
             num_local_experts=8,
             num_experts_per_tok=2,
             sliding_window=None,
@@ -630,7 +642,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         The parsed namespace.
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=["mixtral", "qwen-moe"], default="mixtral")
+    p.add_argument("--arch", choices=["mixtral", "qwen-moe", "mixtral-deep"], default="mixtral")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=640, help="optimizer steps (fixes the result)")

@@ -366,6 +366,7 @@ def evaluate(
     bootstrap_iters: int = 0,
     random_seed: int = 0,
     progress: bool = False,
+    per_document: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a causal LM on kit tasks (or lm-eval hub tasks) with lm-eval's ``simple_evaluate``.
 
@@ -394,6 +395,8 @@ def evaluate(
         bootstrap_iters: lm-eval bootstrap iterations for stderrs (0: no stderrs, fastest; lm-eval's own
             default is 100000 and uses a process pool).
         random_seed: Seed passed to lm-eval (python, numpy, torch, few-shot).
+        per_document: also return each document's metrics under ``"per_document"``, for paired comparisons
+            of two models on the same documents (see :func:`per_document_metrics`).
 
     Returns:
         JSON-serialisable ``{task_or_group: {metric: value, "n": docs}}`` plus, for every requested
@@ -449,7 +452,7 @@ def evaluate(
                 limit=limit,
                 num_fewshot=num_fewshot,
                 bootstrap_iters=bootstrap_iters,
-                log_samples=False,
+                log_samples=per_document,
                 random_seed=random_seed,
                 numpy_random_seed=random_seed,
                 torch_random_seed=random_seed,
@@ -464,7 +467,26 @@ def evaluate(
                 model.to(dev)
     if raw is None:  # non-zero rank in a distributed run
         return {}
-    return flatten_results(raw, names)
+    out = flatten_results(raw, names)
+    if per_document:
+        out["per_document"] = per_document_metrics(raw, names)
+    return out
+
+
+def per_document_metrics(raw: dict, requested: Sequence[str]) -> dict[str, dict[str, list]]:
+    """``{name: {metric: [value per document]}}`` from lm-eval's logged samples; a group's documents are its
+    subtasks' in order. A rolling-loglikelihood metric's value is ``[loglikelihood, words or bytes]``."""
+    out: dict[str, dict[str, list]] = {}
+    subtasks = raw.get("group_subtasks") or {}
+    for name in requested:
+        metrics: dict[str, list] = {}
+        for task in subtasks.get(name) or [name]:
+            for sample in sorted(raw.get("samples", {}).get(task, []), key=lambda s: s["doc_id"]):
+                for metric in sample.get("metrics", []):
+                    value = sample.get(metric)
+                    metrics.setdefault(metric, []).append(list(value) if isinstance(value, tuple) else value)
+        out[name] = metrics
+    return out
 
 
 @contextlib.contextmanager
