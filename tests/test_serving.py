@@ -12,7 +12,7 @@ from diep_lightning.export import export_pruned
 from diep_lightning.families import get_family
 from diep_lightning.pipeline import prune
 from diep_lightning.serving.plan import (EXPORTED, SERVED, architecture, check_parallelism, experts_per_layer,
-                                         layer_index)
+                                         layer_index, pad_attention_weights, padded_head_size)
 from diep_lightning.testing import TINY_CONFIGS, tiny_model
 
 
@@ -99,3 +99,49 @@ def test_the_plugin_is_registered_as_a_vllm_general_plugin():
 
     targets = [e.value for e in entry_points(group="vllm.general_plugins") if e.name == "diep_lightning"]
     assert targets == ["diep_lightning.serving.vllm_models:register"]
+
+
+def test_a_head_size_the_kernel_lacks_is_served_at_the_next_supported_one():
+    cpu = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]
+    assert padded_head_size(40, cpu) == 64 and padded_head_size(64, cpu) == 64 and padded_head_size(40, None) == 40
+    with pytest.raises(ValueError, match="head_dim: 600 is above"):
+        padded_head_size(600, cpu)
+
+
+def _rope(x, rotary_dim, positions):
+    """Neox-style rotary embedding on the first ``rotary_dim`` dimensions (halves paired), the rest untouched."""
+    half = rotary_dim // 2
+    freqs = positions[:, None].float() / (10000 ** (torch.arange(half).float() / half))
+    cos, sin = freqs.cos(), freqs.sin()
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def _attention(weights, heads, kv_heads, head_dim, rotary_dim, scale, x):
+    t = x.shape[0]
+    q = (x @ weights["q_proj.weight"].T + weights["q_proj.bias"]).view(t, heads, head_dim).transpose(0, 1)
+    k = (x @ weights["k_proj.weight"].T + weights["k_proj.bias"]).view(t, kv_heads, head_dim).transpose(0, 1)
+    v = (x @ weights["v_proj.weight"].T + weights["v_proj.bias"]).view(t, kv_heads, head_dim).transpose(0, 1)
+    pos = torch.arange(t)
+    q, k = _rope(q, rotary_dim, pos), _rope(k, rotary_dim, pos)
+    k, v = k.repeat_interleave(heads // kv_heads, 0), v.repeat_interleave(heads // kv_heads, 0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.transpose(0, 1).reshape(t, heads * head_dim) @ weights["o_proj.weight"].T
+
+
+def test_zero_padded_heads_give_the_same_attention_output():
+    torch.manual_seed(0)
+    hidden, heads, kv_heads, head_dim = 160, 4, 2, 40
+    weights = {"q_proj.weight": torch.randn(heads * head_dim, hidden), "q_proj.bias": torch.randn(heads * head_dim),
+               "k_proj.weight": torch.randn(kv_heads * head_dim, hidden), "k_proj.bias": torch.randn(kv_heads * head_dim),
+               "v_proj.weight": torch.randn(kv_heads * head_dim, hidden), "v_proj.bias": torch.randn(kv_heads * head_dim),
+               "o_proj.weight": torch.randn(hidden, heads * head_dim)}
+    named = [(f"model.layers.0.self_attn.{k}", v) for k, v in weights.items()]
+    padded = {k.split("self_attn.")[1]: v for k, v in pad_attention_weights(named, head_dim, 64)}
+    assert padded["q_proj.weight"].shape == (heads * 64, hidden) and padded["o_proj.weight"].shape == (hidden, heads * 64)
+    x = torch.randn(7, hidden)
+    reference = _attention(weights, heads, kv_heads, head_dim, head_dim, head_dim ** -0.5, x)
+    served = _attention(padded, heads, kv_heads, 64, head_dim, head_dim ** -0.5, x)
+    torch.testing.assert_close(served, reference, rtol=1e-4, atol=1e-4)
+    # the scale must stay the model's own: the padded size's would change the scores
+    assert not torch.allclose(_attention(padded, heads, kv_heads, 64, head_dim, 64 ** -0.5, x), reference, atol=1e-3)

