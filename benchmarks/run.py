@@ -346,7 +346,8 @@ def measure_cost_and_decode(model_dir: str, args: argparse.Namespace, result: di
         module, dm0 = search(model_dir, "diep", args, data_seed=42)
         scores0 = module.expert_scores()
     if "cost" in args.phases:
-        for method in ("floor", "diep", "frequency", "reap", "reap_global_norm", "naee", "evo", "ablation", "greedy"):
+        # the references (ablation, greedy) are not methods to pick by cost; their evaluations are in the quality rows
+        for method in ("floor", "diep", "frequency", "reap", "reap_global_norm", "naee", "evo"):
             result["cost"][method] = measure_cost(model_dir, method, args)
             print(f"   cost {method}: {result['cost'][method]}", flush=True)
     if "decode" in args.phases:  # full, pruned 50%, pruned 50% + skipping, and skipping alone
@@ -703,7 +704,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=1, help="models benchmarked in parallel processes")
     parser.add_argument("--combine", default=None,
                         help="comma-separated output folders of earlier per-model runs: merge them into one report "
-                             "(a later folder's section replaces an earlier one's for the same model)")
+                             "(a later folder's section replaces an earlier one's for the same model, except that a "
+                             "run of only the timed phases adds its cost and decode tables to the quality run's)")
     parser.add_argument("--phases", default="quality,cost,decode",
                         help="comma-separated subset of quality,cost,decode; with --jobs > 1 the parallel runs do "
                              "quality only and cost and decode follow one model at a time, so timings see an idle machine")
@@ -726,7 +728,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for part in parts:  # a later folder's section replaces an earlier one's for the same model
             for name, res in part["models"].items():
                 # each section keeps the run that measured it: the runs may differ in seeds, threads or jobs
-                merged["models"][name] = {**res, "measured_by": res.get("measured_by", part["command"])}
+                by = res.get("measured_by", part["command"])
+                earlier = merged["models"].get(name)
+                if earlier is not None and not res.get("quality") and earlier.get("quality"):
+                    # a run of the timed phases only (--phases cost,decode) adds its tables to the quality run's
+                    earlier.update({k: v for k, v in res.items() if k in ("cost", "decode") and v})
+                    earlier["measured_by"] = f"{earlier['measured_by']} ; {by}"
+                    continue
+                merged["models"][name] = {**res, "measured_by": by}
         merged["command"] = " ; ".join(dict.fromkeys(res["measured_by"] for res in merged["models"].values()))
         (out / "results.json").write_text(json.dumps(merged, indent=2))
         write_report(merged, argparse.Namespace(**parts[0]["args"]), out, merged["command"])

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Train a tiny Mixture-of-Experts causal LM from scratch on the offline training corpus.
 
-The project ships two small, *trained* MoE language models so that expert pruning can be judged on
+The project ships three small, *trained* MoE language models so that expert pruning can be judged on
 real models (random weights cannot tell good pruning from bad):
 
 * ``models/tiny-mixtral``   -- ``MixtralForCausalLM``, 8 experts, top-2 routing.
 * ``models/tiny-qwen-moe``  -- ``Qwen2MoeForCausalLM``, 32 routed experts, top-4 routing, one shared
   expert with its sigmoid gate, every layer sparse.
+* ``models/tiny-mixtral-deep`` -- ``MixtralForCausalLM`` with 8 MoE layers (8 experts, top-2) of a narrower
+  width: a harder test bed for allocation, where redundancy can differ between many layers.
 
-Both share one byte-level BPE tokenizer (vocab 8192) trained on the same text. The text is every file
+All share one byte-level BPE tokenizer (vocab 8192) trained on the same text. The text is every file
 of ``<data-dir>/train_corpus`` (C4 validation 2k, Gutenberg, State-of-the-Union, inaugural addresses,
 tiny-shakespeare, WikiText-2 *validation*). ``<data-dir>/eval`` (WikiText-2 test, BLiMP, ...) and
 ``<data-dir>/calibration`` are never read.
@@ -25,13 +27,18 @@ Reproduce the shipped models (CPU, from the repository root; times and machines 
     python -m tools.train_tiny_moe --arch qwen-moe --out models/tiny-qwen-moe --tokenizer models/tiny-mixtral \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2000 --max-minutes 59 --eval-every 500 --log-every 100
+    # tiny-mixtral-deep: 2600 steps of 8 x 256 tokens (5.32 M tokens, 1.3 epochs), one thread
+    python -m tools.train_tiny_moe --arch mixtral-deep --out models/tiny-mixtral-deep --tokenizer models/tiny-mixtral \
+        --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
+        --max-steps 2600 --max-minutes 75 --eval-every 500 --log-every 100
     python -m tools.model_card --model models/tiny-mixtral --threads 2
     python -m tools.model_card --model models/tiny-qwen-moe --threads 2
+    python -m tools.model_card --model models/tiny-mixtral-deep --threads 2
 
-Both shipped models were written to a scratch ``--out`` and copied into ``models/`` (so a half-finished run
+The shipped models were written to a scratch ``--out`` and copied into ``models/`` (so a half-finished run
 never replaces a shipped model); each ``training_log.json`` records its command verbatim.
 
-Both shipped models use the same recipe (batch 8 x 256, peak lr 2.5e-3, 200 warm-up steps, per-layer
+All shipped models use the same recipe (batch 8 x 256, peak lr 2.5e-3, 200 warm-up steps, per-layer
 balancing, about one epoch). ``--piece-chars`` (windows that start at short, paragraph-aligned pieces) was
 tried on tiny-mixtral and is not used: see ``tools/README_models.md``.
 
