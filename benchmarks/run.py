@@ -342,7 +342,7 @@ def measure_cost_and_decode(model_dir: str, args: argparse.Namespace, result: di
         scores0 = [torch.tensor(s) for s in result["diep_scores_seed0"]]
         dm0 = _datamodule(model_dir, args, 42)
         dm0.setup("fit")
-    else:
+    elif "decode" in args.phases:  # the decode variants prune with seed-0 DiEP scores
         module, dm0 = search(model_dir, "diep", args, data_seed=42)
         scores0 = module.expert_scores()
     if "cost" in args.phases:
@@ -595,6 +595,10 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
                       "transformers runtime):", "", "| method | wall s | x floor | peak RSS MB | x floor |", "|---|---|---|---|---|"]
             floor = res["cost"].get("floor", {})
             for method, cost in res["cost"].items():
+                refused = [e["refused"] for e in next(iter(res["quality"].get(method, {}).values()), []) if "refused" in e]
+                if "error" in cost and refused:  # the quality run refused it: the cost run's error is that refusal
+                    lines.append(f"| {method} | refused (see the quality table) | | | |")
+                    continue
                 if "error" in cost:
                     lines.append(f"| {method} | error: {cost['error'][:80]} | | | |")
                     continue
