@@ -537,7 +537,8 @@ def targets_section(results: dict[str, Any]) -> list[str]:
             checks.append(f"- {name}: NAEE time / DiEP time = {ratio:.2f} (target >= {least:g}: "
                           f"{'met' if ratio >= least else 'missed'}).")
         elif "error" in naee:
-            checks.append(f"- {name}: NAEE refused ({naee['error'][:100]}).")
+            refused = [e["refused"] for e in next(iter(res["quality"].get("naee", {}).values()), []) if "refused" in e]
+            checks.append(f"- {name}: NAEE refused ({(refused[0] if refused else naee['error'])[:100]}).")
         decode = res.get("decode", {})
         if "full_skip" in decode and "pruned_50_skip" in decode:
             shown = ", ".join(f"decode {label} {decode[label]['batch_1'] / decode['full']['batch_1']:.2f}x / "
