@@ -376,6 +376,12 @@ def _se(entries: list[dict], task: str) -> str:
     return f" (se {statistics.mean(values):.2g})" if values else ""
 
 
+def _refusal(res: dict[str, Any], method: str) -> str | None:
+    """Why the quality run refused ``method`` (its first sparsity's entry), or None when it ran."""
+    entries = next(iter(res["quality"].get(method, {}).values()), [])
+    return next((e["refused"] for e in entries if "refused" in e), None)
+
+
 def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
     values = [e["metrics"].get(task) for e in entries if "metrics" in e and e["metrics"].get(task) is not None]
     if not values:
@@ -537,8 +543,7 @@ def targets_section(results: dict[str, Any]) -> list[str]:
             checks.append(f"- {name}: NAEE time / DiEP time = {ratio:.2f} (target >= {least:g}: "
                           f"{'met' if ratio >= least else 'missed'}).")
         elif "error" in naee:
-            refused = [e["refused"] for e in next(iter(res["quality"].get("naee", {}).values()), []) if "refused" in e]
-            checks.append(f"- {name}: NAEE refused ({(refused[0] if refused else naee['error'])[:100]}).")
+            checks.append(f"- {name}: NAEE refused ({(_refusal(res, 'naee') or naee['error'])[:100]}).")
         decode = res.get("decode", {})
         if "full_skip" in decode and "pruned_50_skip" in decode:
             shown = ", ".join(f"decode {label} {decode[label]['batch_1'] / decode['full']['batch_1']:.2f}x / "
@@ -596,8 +601,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
                       "transformers runtime):", "", "| method | wall s | x floor | peak RSS MB | x floor |", "|---|---|---|---|---|"]
             floor = res["cost"].get("floor", {})
             for method, cost in res["cost"].items():
-                refused = [e["refused"] for e in next(iter(res["quality"].get(method, {}).values()), []) if "refused" in e]
-                if "error" in cost and refused:  # the quality run refused it: the cost run's error is that refusal
+                if "error" in cost and _refusal(res, method):  # the quality run refused it: the cost error is that
                     lines.append(f"| {method} | refused (see the quality table) | | | |")
                     continue
                 if "error" in cost:
@@ -741,7 +745,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     earlier["measured_by"] = f"{earlier['measured_by']} ; {by}"
                     continue
                 merged["models"][name] = {**res, "measured_by": by}
-        merged["command"] = " ; ".join(dict.fromkeys(res["measured_by"] for res in merged["models"].values()))
+        merged["command"] = " ; ".join(dict.fromkeys(run for res in merged["models"].values()
+                                                     for run in res["measured_by"].split(" ; ")))
         (out / "results.json").write_text(json.dumps(merged, indent=2))
         write_report(merged, argparse.Namespace(**parts[0]["args"]), out, merged["command"])
         plot(merged, out)
