@@ -24,6 +24,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -261,61 +262,100 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"   {method:<14} sparsity {sparsity:.2f} seed {seed}: " +
               ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, (int, float))), flush=True)
 
+    rows = set(args.methods.split(",")) if args.methods else set(QUALITY_ROWS)
+
+    def wanted(*names: str) -> bool:
+        return bool(rows.intersection(names))
+
     if "quality" in args.phases:
         # DiEP: one search per data seed serves every sparsity
         diep_modules = {}
-        for seed in seeds:
+        # (DiEP refined by the evolutionary allocation needs only the first seed's search)
+        diep_seeds = seeds if wanted("diep", "diep_uniform", "diep_merge", "diep_skip") else seeds[:1]
+        for seed in diep_seeds if wanted("diep", "diep_uniform", "diep_merge", "diep_skip", "diep_evo") else []:
             module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
             diep_modules[seed] = (module.expert_scores(), datamodule)
             for sparsity in sparsities:
-                model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
-                record("diep", sparsity, seed, model, plan, sizes)
-                if seed == seeds[0]:  # the uniform ablation: one seed
+                if wanted("diep"):
+                    model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
+                    record("diep", sparsity, seed, model, plan, sizes)
+                if seed == seeds[0] and wanted("diep_uniform"):  # the uniform ablation: one seed
                     model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
                     record("diep_uniform", sparsity, seed, model, plan, sizes)
-        scores0, dm0 = diep_modules[seeds[0]]
-        for sparsity in sparsities:
-            model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, merge=True)
-            record("diep_merge", sparsity, seeds[0], model, plan, sizes)
-            model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, skip=True)
-            record("diep_skip", sparsity, seeds[0], model, plan, sizes)
+        if diep_modules:
+            scores0, dm0 = diep_modules[seeds[0]]
+            result["diep_scores_seed0"] = [s.tolist() for s in scores0]
+        for sparsity in sparsities if diep_modules else []:
+            if wanted("diep_merge"):
+                model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, merge=True)
+                record("diep_merge", sparsity, seeds[0], model, plan, sizes)
+            if wanted("diep_skip"):
+                model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, skip=True)
+                record("diep_skip", sparsity, seeds[0], model, plan, sizes)
+        # DiEP's ranking within each layer, its allocation refined by the EvoESAP-style search
+        for sparsity in sparsities if diep_modules and wanted("diep_evo") else []:
+            with tempfile.TemporaryDirectory() as tmp:
+                recorded = Path(tmp) / "scores.json"
+                recorded.write_text(json.dumps({"scores": [s.tolist() for s in scores0]}))
+                module, _ = search(model_dir, "evo", args, random_seed=seeds[0], evo_sparsity=sparsity,
+                                   evo_criterion="recorded", evo_scores_from=str(recorded),
+                                   evo_population=args.evo_population, evo_generations=args.evo_generations,
+                                   reference_tokens=args.reference_tokens)
+            module.check_pruning(sparsity, "global")
+            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
+            record("diep_evo", sparsity, seeds[0], model, plan, sizes)
         # baselines
-        for seed in seeds:
+        for seed in seeds if wanted("random") else []:
             module, _ = search(model_dir, "random", args, random_seed=seed)
             for sparsity in sparsities:
                 model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
                 record("random", sparsity, seed, model, plan, sizes)
         for method in ("frequency", "reap"):
+            if not wanted(method):
+                continue
             module, _ = search(model_dir, method, args)
             for sparsity in sparsities:
                 model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
                 record(method, sparsity, None, model, plan, sizes)
         # non-uniform peers: REAP normalised per layer and ranked globally (MoNE-style), the EvoESAP-style search
-        module, _ = search(model_dir, "reap", args, normalize="layer")
-        for sparsity in sparsities:
-            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
-            record("reap_global_norm", sparsity, None, model, plan, sizes)
-        for sparsity in sparsities:
+        if wanted("reap_global_norm"):
+            module, _ = search(model_dir, "reap", args, normalize="layer")
+            for sparsity in sparsities:
+                model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
+                record("reap_global_norm", sparsity, None, model, plan, sizes)
+        for sparsity in sparsities if wanted("evo") else []:
             module, _ = search(model_dir, "evo", args, evo_sparsity=sparsity, evo_population=args.evo_population,
                                evo_generations=args.evo_generations, reference_tokens=args.reference_tokens)
             module.check_pruning(sparsity, "global")
             model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
             record("evo", sparsity, None, model, plan, sizes)
-        # references for the best achievable allocation (refused politely on models too large for them)
+        # references for the best achievable allocation (refused politely on models too large for them); the
+        # lazy greedy search runs everywhere, and where the exact one runs too the two orders are compared
+        orders = {}
         for method, kwargs in (("ablation", reference_kwargs(args)),
-                               ("greedy", {"greedy_until": max(sparsities), **reference_kwargs(args)})):
+                               ("greedy", {"greedy_until": max(sparsities), **reference_kwargs(args)}),
+                               ("greedy_lazy", {"greedy_until": max(sparsities), "greedy_lazy": True,
+                                                **reference_kwargs(args)})):
+            if not wanted(method):
+                continue
             try:
-                module, _ = search(model_dir, method, args, **kwargs)
+                module, _ = search(model_dir, method.removesuffix("_lazy"), args, **kwargs)
                 module.check_pruning(max(sparsities), "global")
                 ref_scores = module.expert_scores()
             except ValueError as err:
                 result["quality"][method] = {str(s): [{"refused": str(err)}] for s in sparsities}
                 print(f"   {method} refused: {err}", flush=True)
                 continue
+            result.setdefault("reference_evaluations", {})[method] = module.scorer.evaluator.evaluations
+            orders[method] = getattr(module.scorer, "order", None)
             for sparsity in sparsities:
                 model, plan, sizes, _ = prune(model_dir, ref_scores, sparsity, "global")
                 record(method, sparsity, None, model, plan, sizes)
-        for sparsity in sparsities:
+        if orders.get("greedy") and orders.get("greedy_lazy"):
+            same = next((i for i, (a, b) in enumerate(zip(orders["greedy"], orders["greedy_lazy"])) if a != b), None)
+            result["greedy_lazy_same_order"] = {"removals": len(orders["greedy"]),
+                                                "first_difference": same}
+        for sparsity in sparsities if wanted("naee") else []:
             try:
                 module, _ = search(model_dir, "naee", args, naee_keep=naee_keep(model_dir, sparsity))
                 module.check_pruning(sparsity, "uniform")
@@ -326,7 +366,8 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
                 continue
             model, plan, sizes, _ = prune(model_dir, naee_scores, sparsity, "uniform")
             record("naee", sparsity, None, model, plan, sizes)
-        result["diep_scores_seed0"] = [s.tolist() for s in scores0]
+        if args.methods:
+            result["rows"] = sorted(rows)
     if "cost" in args.phases or "decode" in args.phases:
         measure_cost_and_decode(model_dir, args, result, full)
     return result
@@ -389,9 +430,13 @@ def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+#: every quality row, in the order a run measures them (``--methods`` picks a subset)
+QUALITY_ROWS = ("diep", "diep_uniform", "diep_merge", "diep_skip", "diep_evo", "random", "frequency", "reap",
+                "reap_global_norm", "evo", "ablation", "greedy", "greedy_lazy", "naee")
+ALLOCATORS = ("diep", "diep_evo", "evo", "reap_global_norm", "ablation", "greedy", "greedy_lazy")
 BASELINES = ("random", "frequency", "reap", "naee", "reap_global_norm", "evo")
 #: what DiEP is compared with, document by document: its own uniform ablation, the peers, the references
-COMPARED = ("diep_uniform", "reap_global_norm", "evo", "greedy", "ablation", "reap", "frequency", "naee", "random")
+COMPARED = ("diep_uniform", "diep_evo", "reap_global_norm", "evo", "greedy", "greedy_lazy", "ablation", "reap", "frequency", "naee", "random")
 
 
 def _documents(entries: list[dict], task: str) -> list | None:
@@ -472,7 +517,8 @@ def comparison_section(results: dict[str, Any]) -> list[str]:
                     cells += [f"{point * scale:.3g} [{low * scale:.3g}, {high * scale:.3g}]", said]
                 lines.append(f"| {name} | {float(sparsity):.0%} | {peer} | " + " | ".join(cells) + " |")
     return lines + [""]
-LABELS = {"diep": "**diep**", "diep_merge": "diep+merge", "diep_skip": "diep+skip", "diep_uniform": "diep-uniform"}
+LABELS = {"diep": "**diep**", "diep_merge": "diep+merge", "diep_skip": "diep+skip", "diep_uniform": "diep-uniform",
+          "diep_evo": "diep+evo"}
 
 
 def _means(res: dict[str, Any], sparsity: str, task: str) -> dict[str, float]:
@@ -596,6 +642,22 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
                     cells.append(f"{mean:.4g}" + (f" ± {std:.2g}" if len(entries) > 1 else "") + _se(entries, task) +
                                  f" ({mean / full[task]:.3f}x)")
                 lines.append(f"| {method} | {sparsity} | " + " | ".join(cells) + " |")
+        allocations = [(m, sp, entries[0]["kept_per_layer"]) for m in ALLOCATORS
+                       for sp, entries in res["quality"].get(m, {}).items() if entries and "kept_per_layer" in entries[0]]
+        if allocations:
+            lines += ["", "Experts kept per MoE layer by the non-uniform allocations (DiEP: its first seed):", "",
+                      "| method | sparsity | kept per layer |", "|---|---|---|"]
+            lines += [f"| {m} | {sp} | {' '.join(map(str, kept))} |" for m, sp, kept in allocations]
+        evaluations = res.get("reference_evaluations", {})
+        if evaluations:
+            lines += ["", "Model evaluations the references ran: " + ", ".join(f"{m} {n:,}" for m, n in evaluations.items())
+                      + "."]
+        same = res.get("greedy_lazy_same_order")
+        if same:
+            lines.append(f"The lazy greedy search removed the same experts in the same order as the exact one for all "
+                         f"{same['removals']} removals." if same["first_difference"] is None else
+                         f"The lazy greedy order first differs from the exact one at removal {same['first_difference'] + 1}"
+                         f" of {same['removals']}.")
         if "wall_s" in res.get("cost", {}).get("floor", {}):
             lines += ["", "Search cost (each in its own process; peak resident memory includes the Python, torch and "
                       "transformers runtime):", "", "| method | wall s | x floor | peak RSS MB | x floor |", "|---|---|---|---|---|"]
@@ -708,6 +770,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "runs over")
     parser.add_argument("--max-evaluations", type=int, default=5000,
                         help="the references are refused on models that would need more loss evaluations")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated quality rows to measure (default: all of "
+                             f"{', '.join(QUALITY_ROWS)}); --combine adds such a run's rows to an earlier run's")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "benchmarks"))
     parser.add_argument("--jobs", type=int, default=1, help="models benchmarked in parallel processes")
@@ -725,6 +790,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(args.phases) - {"quality", "cost", "decode"})
     if unknown or not args.phases:
         parser.error(f"--phases: unknown phase(s) {unknown or '(none given)'}; choose from quality, cost, decode")
+    if args.methods and set(args.methods.split(",")) - set(QUALITY_ROWS):
+        parser.error(f"--methods: unknown row(s) {sorted(set(args.methods.split(',')) - set(QUALITY_ROWS))}; "
+                     f"choose from {', '.join(QUALITY_ROWS)}")
     torch.set_num_threads(args.threads)
     if args.cost_child:
         print(json.dumps(cost_child(args.models.split(",")[0], args.cost_child, args)))
@@ -739,6 +807,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # each section keeps the run that measured it: the runs may differ in seeds, threads or jobs
                 by = res.get("measured_by", part["command"])
                 earlier = merged["models"].get(name)
+                if earlier is not None and res.get("rows") and earlier.get("quality"):
+                    # a run of some quality rows (--methods) adds or replaces those rows in the earlier run's
+                    earlier["quality"].update(res["quality"])
+                    for key in ("reference_evaluations", "greedy_lazy_same_order"):
+                        if key in res:
+                            earlier[key] = {**earlier.get(key, {}), **res[key]} if key == "reference_evaluations" else res[key]
+                    earlier["measured_by"] = f"{earlier['measured_by']} ; {by}"
+                    continue
                 if earlier is not None and not res.get("quality") and earlier.get("quality"):
                     # a run of the timed phases only (--phases cost,decode) adds its tables to the quality run's
                     earlier.update({k: v for k, v in res.items() if k in ("cost", "decode") and v})

@@ -74,6 +74,22 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert section["quality"] == res["quality"] and section["cost"] == timed["models"][name]["cost"]
     assert section["decode"] == res["decode"] and section["measured_by"].endswith("--phases cost,decode")
 
+    # a run of some quality rows (--methods) adds them to the earlier run's section; DiEP refined by evo keeps the
+    # budget, and the lazy greedy search is compared with the exact one
+    rows = bench.main(["--models", tiny_mixtral_dir, "--seeds", "0", "--limit", "2", "--epochs", "1",
+                       "--num-samples", "8", "--seq-len", "32", "--batch-size", "4", "--phases", "quality",
+                       "--methods", "diep_evo,greedy,greedy_lazy", "--evo-population", "3", "--evo-generations", "2",
+                       "--out", str(tmp_path / "rows")])["models"][name]
+    assert set(rows["quality"]) == {"diep_evo", "greedy", "greedy_lazy"} and rows["rows"]
+    for sparsity in ("0.25", "0.5"):
+        assert sum(rows["quality"]["diep_evo"][sparsity][0]["kept_per_layer"]) == 16 - round(float(sparsity) * 16)
+    assert rows["reference_evaluations"]["greedy_lazy"] < rows["reference_evaluations"]["greedy"]
+    assert rows["greedy_lazy_same_order"]["removals"] == 8
+    added = bench.main(["--combine", f"{out},{tmp_path / 'rows'}", "--out", str(tmp_path / "added")])["models"][name]
+    assert set(added["quality"]) == set(res["quality"]) | {"diep_evo", "greedy_lazy"}
+    assert added["quality"]["diep"] == res["quality"]["diep"] and "greedy_lazy" in added["reference_evaluations"]
+    assert "| diep_evo | 0.5 |" in (tmp_path / "added" / "RESULTS.md").read_text()
+
 
 def test_benchmark_rejects_unknown_phase(tmp_path, capsys):
     import pytest

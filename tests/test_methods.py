@@ -194,6 +194,51 @@ def test_greedy_removes_the_cheapest_expert_first_and_its_order_is_the_selection
         GreedyScorer(until=0.25, max_evaluations=20).check(blocks, 0.25, "global")
 
 
+class _GrowingCost:
+    """A calibration loss whose removal costs only grow as more experts go (each expert's own cost plus a
+    penalty per pair removed from the same layer): there the lazy search must equal the exact one."""
+
+    def __init__(self, seed):
+        gen = torch.Generator().manual_seed(seed)
+        self.own = torch.rand(2, 8, generator=gen)
+        self.pair = torch.rand(2, generator=gen)
+        self.evaluations = 0
+
+    def loss(self, removed):
+        self.evaluations += 1
+        return sum(float(self.own[layer, ids].sum()) + float(self.pair[layer]) * len(ids) * (len(ids) - 1) / 2
+                   for layer, ids in removed.items() if ids)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lazy_greedy_equals_exact_greedy_where_costs_only_grow_with_fewer_evaluations(seed):
+    model = tiny_model("mixtral")
+    blocks = get_family(model).blocks(model)
+    orders, evaluations = {}, {}
+    for lazy in (False, True):
+        scorer = GreedyScorer(until=0.75, lazy=lazy)
+        scorer.evaluator = _GrowingCost(seed)
+        scorer.scores(None, blocks)
+        orders[lazy], evaluations[lazy] = scorer.order, scorer.evaluator.evaluations
+    assert orders[True] == orders[False] and len(orders[True]) == 12
+    assert all(sum(1 for layer, _ in orders[True] if layer == b.index) <= 8 - b.top_k for b in blocks)
+    assert evaluations[True] < evaluations[False]
+
+
+def test_lazy_greedy_on_a_model_takes_the_cheapest_first_and_is_bounded_by_max_evaluations():
+    scorer = GreedyScorer(until=0.25, lazy=True)
+    model, family, blocks = _evaluating(scorer)
+    scorer.scores(family, blocks)
+    first = min(((b.index, e) for b in blocks for e in range(b.num_experts)),
+                key=lambda be: _loss(model, family, [(blocks[be[0]], [be[1]])]))
+    assert scorer.order[0] == first and len(scorer.order) == 4
+    GreedyScorer(until=0.25, lazy=True, max_evaluations=20).check(blocks, 0.25, "global")  # 17 for the first pass
+    with pytest.raises(ValueError, match="max_evaluations"):
+        GreedyScorer(until=0.25, lazy=True, max_evaluations=16).check(blocks, 0.25, "global")
+    with pytest.raises(ValueError, match="greedy_lazy"):
+        GreedyScorer(until=0.5, max_evaluations=20).check(blocks, 0.25, "global")
+
+
 def test_evo_allocates_the_budget_within_bounds_and_never_worse_than_uniform():
     scorer = EvoScorer(sparsity=0.375, criterion="frequency", population=6, generations=4, seed=1)
     model, family, blocks = _evaluating(scorer, "qwen2_moe")
@@ -209,6 +254,46 @@ def test_evo_allocates_the_budget_within_bounds_and_never_worse_than_uniform():
         scorer.check(blocks, 0.25, "global")
     with pytest.raises(ValueError, match="evo_sparsity"):
         EvoScorer()
+
+
+def test_evo_recorded_criterion_ranks_by_the_recorded_scores(tmp_path):
+    recorded = torch.randn(2, 8, generator=torch.Generator().manual_seed(3)).tolist()
+    (tmp_path / "scores.json").write_text(json.dumps({"scores": recorded}))
+    scorer = EvoScorer(sparsity=0.375, criterion="recorded", scores_from=str(tmp_path / "scores.json"),
+                       population=4, generations=2)
+    model, family, blocks = _evaluating(scorer, "qwen2_moe")
+    scorer.check(blocks, 0.375, "global")
+    plan = select_experts(scorer.scores(family, blocks), 0.375, [2, 2], "global")
+    for layer, removed in enumerate(plan.removed):  # each layer loses its lowest recorded scores
+        lowest = sorted(range(8), key=lambda e: recorded[layer][e])[: len(removed)]
+        assert sorted(removed) == sorted(lowest)
+    (tmp_path / "three.json").write_text(json.dumps({"scores": recorded + [recorded[0]]}))
+    with pytest.raises(ValueError, match="evo_scores_from: the recorded scores"):
+        EvoScorer(sparsity=0.375, criterion="recorded", scores_from=str(tmp_path / "three.json")).check(
+            blocks, 0.375, "global")
+    for bad in ("missing.json", "three.json"):
+        with pytest.raises(ValueError, match="evo_scores_from"):
+            EvoScorer(sparsity=0.375, criterion="reap", scores_from=str(tmp_path / bad))
+    with pytest.raises(ValueError, match="evo_scores_from: cannot read"):
+        EvoScorer(sparsity=0.375, criterion="recorded", scores_from=str(tmp_path / "missing.json"))
+
+
+def test_evo_refines_a_diep_export_through_the_cli(tiny_mixtral_dir, tmp_path):
+    main(fit_args(tiny_mixtral_dir, str(tmp_path / "diep"), "--trainer.callbacks+=GlobalExpertPruning",
+                  "--trainer.callbacks.sparsity=0.25", f"--trainer.callbacks.export_dir={tmp_path / 'diep_export'}",
+                  epochs=1))
+    diep = json.loads((tmp_path / "diep_export" / "pruning.json").read_text())
+    main(fit_args(tiny_mixtral_dir, str(tmp_path / "evo"), "--model=BaselineModule", "--model.method=evo",
+                  "--model.evo_criterion=recorded", f"--model.evo_scores_from={tmp_path / 'diep_export'}",
+                  "--model.evo_sparsity=0.25", "--model.evo_population=4", "--model.evo_generations=2",
+                  "--trainer.callbacks+=GlobalExpertPruning", "--trainer.callbacks.sparsity=0.25",
+                  f"--trainer.callbacks.export_dir={tmp_path / 'evo_export'}", epochs=1))
+    evo = json.loads((tmp_path / "evo_export" / "pruning.json").read_text())
+    assert evo["method"] == "evo" and sum(len(layer["removed"]) for layer in evo["layers"]) == sum(
+        len(layer["removed"]) for layer in diep["layers"])
+    for d, e in zip(diep["layers"], evo["layers"]):  # within a layer, DiEP's ranking decides who goes
+        ranked = sorted(range(d["experts_before"]), key=lambda i: d["scores"][i])
+        assert sorted(e["removed"]) == sorted(ranked[: len(e["removed"])])
 
 
 def test_a_per_layer_score_ranked_globally_warns_unless_normalised(tiny_mixtral_dir, tmp_path):

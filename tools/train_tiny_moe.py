@@ -327,8 +327,9 @@ def build_config(arch: str, tokenizer: Any, seq_len: int, aux_coef: float) -> An
     """Create the model configuration for one architecture.
 
     Args:
-        arch: ``"mixtral"``, ``"qwen-moe"`` or ``"mixtral-deep"`` (8 MoE layers of a narrower width, so that
-            redundancy can differ between layers and allocators have something to separate).
+        arch: ``"mixtral"``, ``"qwen-moe"``, ``"mixtral-deep"`` (8 MoE layers of a narrower width, so that
+            redundancy can differ between layers and allocators have something to separate) or ``"qwen3-deep"``
+            (the same 8 MoE layers after a dense first layer).
         tokenizer: The tokenizer (for vocabulary size and special token ids).
         seq_len: Training context length (stored as ``max_position_embeddings``).
         aux_coef: Router load-balancing loss coefficient.
@@ -375,6 +376,25 @@ def build_config(arch: str, tokenizer: Any, seq_len: int, aux_coef: float) -> An
             num_experts_per_tok=2,
             sliding_window=None,
             router_jitter_noise=0.0,
+            **common,
+        )
+    if arch == "qwen3-deep":
+        # a dense first layer takes the token-identity work that made tiny-mixtral-deep's first MoE layer
+        # dominate; 8 MoE layers follow
+        from transformers import Qwen3MoeConfig
+
+        common.update(num_hidden_layers=9)
+        return Qwen3MoeConfig(
+            hidden_size=128,
+            intermediate_size=384,
+            moe_intermediate_size=192,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[0],
+            head_dim=32,
+            use_sliding_window=False,
             **common,
         )
     if arch == "qwen-moe":
@@ -649,7 +669,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         The parsed namespace.
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", choices=["mixtral", "qwen-moe", "mixtral-deep"], default="mixtral")
+    p.add_argument("--arch", choices=["mixtral", "qwen-moe", "mixtral-deep", "qwen3-deep"], default="mixtral")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=640, help="optimizer steps (fixes the result)")

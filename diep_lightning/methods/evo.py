@@ -1,11 +1,15 @@
-"""``evo``: EvoESAP-style non-uniform allocation. Experts are ranked within each layer by a criterion (REAP or
-frequency); an evolutionary search chooses how many each layer keeps under the global budget, by the pruned
-model's teacher-forced agreement with the full model on calibration tokens (EvoESAP's fitness: the share of
-positions whose top-1 next token is unchanged; ties go to the lower calibration loss)."""
+"""``evo``: EvoESAP-style non-uniform allocation. Experts are ranked within each layer by a criterion (REAP,
+frequency, or the scores a previous export recorded, e.g. DiEP's alpha); an evolutionary search chooses how many
+each layer keeps under the global budget, by the pruned model's teacher-forced agreement with the full model on
+calibration tokens (EvoESAP's fitness: the share of positions whose top-1 next token is unchanged; ties go to the
+lower calibration loss)."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
+from pathlib import Path
 
 import torch
 
@@ -21,7 +25,10 @@ class EvoScorer(Scorer):
 
     Args:
         sparsity: the fraction of routed experts the allocation removes (the pruning must ask for the same).
-        criterion: within-layer ranking, "reap" or "frequency".
+        criterion: within-layer ranking: "reap", "frequency", or "recorded": the per-expert scores in
+            ``scores_from`` (so DiEP's alpha can rank and the search only re-allocates).
+        scores_from: an export directory (its ``pruning.json``) or a JSON file with ``"scores"``: one list per MoE
+            layer, one score per original expert (a DiEP export records alpha * beta); only with "recorded".
         population: allocations per generation.
         generations: rounds of selection and mutation.
         seed: the search's random seed.
@@ -32,15 +39,20 @@ class EvoScorer(Scorer):
     wants_batches = True
 
     def __init__(self, sparsity: float | None = None, criterion: str = "reap", population: int = 16,
-                 generations: int = 20, seed: int = 0, reference_tokens: int = 8192) -> None:
+                 generations: int = 20, seed: int = 0, reference_tokens: int = 8192,
+                 scores_from: str | None = None) -> None:
         if sparsity is None or not 0 < sparsity < 1:
             raise ValueError(f"evo_sparsity: the evolutionary search needs the fraction of experts to remove, in "
                              f"(0, 1) (the same as the pruning's sparsity), got {sparsity!r}")
-        if criterion not in ("reap", "frequency"):
-            raise ValueError(f"evo_criterion: expected 'reap' or 'frequency', got {criterion!r}")
+        if criterion not in ("reap", "frequency", "recorded"):
+            raise ValueError(f"evo_criterion: expected 'reap', 'frequency' or 'recorded', got {criterion!r}")
+        if (criterion == "recorded") != (scores_from is not None):
+            raise ValueError("evo_scores_from: give it exactly when evo_criterion is 'recorded' (the scores that rank "
+                             f"experts within each layer); got criterion {criterion!r}, scores_from {scores_from!r}")
         if population < 2 or generations < 1:
             raise ValueError(f"evo_population/evo_generations: need >= 2 and >= 1, got {population}/{generations}")
         self.sparsity, self.population, self.generations = sparsity, population, generations
+        self.recorded = read_recorded_scores(scores_from) if scores_from is not None else None
         self.criterion = ReapScorer() if criterion == "reap" else FrequencyScorer()
         self.rng = random.Random(seed)
         self.evaluator = MaskedLoss(reference_tokens)
@@ -54,10 +66,14 @@ class EvoScorer(Scorer):
         self.evaluator.keep(batch)
 
     def observe(self, family, block, hidden, index, weights):
-        self.criterion.observe(family, block, hidden, index, weights)
+        if self.recorded is None:
+            self.criterion.observe(family, block, hidden, index, weights)
 
     def check(self, blocks, sparsity, mode):
         total = sum(b.num_experts for b in blocks)
+        if self.recorded is not None and [len(s) for s in self.recorded] != [b.num_experts for b in blocks]:
+            raise ValueError(f"evo_scores_from: the recorded scores have {[len(s) for s in self.recorded]} experts "
+                             f"per layer, the model {[b.num_experts for b in blocks]}; record them on this model")
         if mode != "global" or round(sparsity * total) != round(self.sparsity * total):
             raise ValueError(f"evo_sparsity: the search allocates {round(self.sparsity * total)} removals across "
                              f"layers; prune with mode global and sparsity {self.sparsity} (got {mode}, {sparsity})")
@@ -79,7 +95,7 @@ class EvoScorer(Scorer):
         return child
 
     def scores(self, family, blocks):
-        within = self.criterion.scores(family, blocks)
+        within = self.recorded if self.recorded is not None else self.criterion.scores(family, blocks)
         ranking = [sorted(range(len(s)), key=lambda e, s=s: -float(s[e])) for s in within]  # best first
         sizes, low = [b.num_experts for b in blocks], [b.top_k for b in blocks]
         budget = round(self.sparsity * sum(sizes))
@@ -112,3 +128,23 @@ class EvoScorer(Scorer):
                 score[e] = (2.0 - position / n) if position < k else -(position / n)
             out.append(score)
         return out
+
+
+def read_recorded_scores(path: str) -> list[list[float]]:
+    """Per-layer expert scores from an export's ``pruning.json`` (its ``layers[i].scores``) or a JSON file with a
+    ``"scores"`` list of lists.
+
+    Raises:
+        ValueError: one line naming ``evo_scores_from``.
+    """
+    file = Path(path) / "pruning.json" if Path(path).is_dir() else Path(path)
+    try:
+        data = json.loads(file.read_text())
+        scores = [layer["scores"] for layer in data["layers"]] if "layers" in data else data["scores"]
+        scores = [[float(v) for v in layer] for layer in scores]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"evo_scores_from: cannot read per-layer scores from {str(file)!r} "
+                         f"({type(err).__name__}: {err})") from None
+    if not scores or not all(layer and all(math.isfinite(v) for v in layer) for layer in scores):
+        raise ValueError(f"evo_scores_from: {str(file)!r} holds no scores, an empty layer or a non-finite score")
+    return scores

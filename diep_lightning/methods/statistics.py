@@ -36,8 +36,13 @@ class BaselineModule(FrozenMoEModule):
             draws a warning.
         reap_weighting: "routing" (llm-compressor) or "softmax" (Cerebras' raw softmax for Mixtral).
         evo_sparsity / evo_criterion / evo_population / evo_generations: the EvoESAP-style search's budget (must
-            equal the pruning's sparsity), within-layer ranking, population and generations.
+            equal the pruning's sparsity), within-layer ranking, population and generations; the search's seed is
+            ``random_seed``.
+        evo_scores_from: with ``evo_criterion: recorded``, an export (its ``pruning.json``) whose recorded scores rank
+            experts within each layer, e.g. a DiEP export: the search then re-allocates DiEP's ranking.
         greedy_until: the greedy reference removes experts until this fraction is gone.
+        greedy_lazy: the accelerated greedy search (re-evaluates only candidates that can still be the cheapest
+            removal; exact while removals' costs only grow), for models the exact search is refused on.
         max_evaluations: the references (ablation, greedy) refuse above this many model evaluations.
         reference_tokens: calibration tokens each model evaluation of evo, ablation and greedy runs over.
     """
@@ -48,9 +53,9 @@ class BaselineModule(FrozenMoEModule):
                  experts_implementation: str | None = None, random_seed: int = 0, naee_keep: int | None = None,
                  naee_max_subsets: int = 20_000, naee_max_tokens: int | None = None,
                  normalize: Literal["none", "layer"] = "none", reap_weighting: Literal["routing", "softmax"] = "routing",
-                 evo_sparsity: float | None = None, evo_criterion: Literal["reap", "frequency"] = "reap",
-                 evo_population: int = 16, evo_generations: int = 20, greedy_until: float = 0.5,
-                 max_evaluations: int = 5000, reference_tokens: int = 8192) -> None:
+                 evo_sparsity: float | None = None, evo_criterion: Literal["reap", "frequency", "recorded"] = "reap",
+                 evo_scores_from: str | None = None, evo_population: int = 16, evo_generations: int = 20,
+                 greedy_until: float = 0.5, greedy_lazy: bool = False, max_evaluations: int = 5000, reference_tokens: int = 8192) -> None:
         if method == SEARCH_METHOD:
             raise ValueError("method: diep is the search itself; use the default model class (DiEPModule), i.e. "
                              "drop --model=BaselineModule")
@@ -58,8 +63,9 @@ class BaselineModule(FrozenMoEModule):
             raise ValueError(f"normalize: expected 'none' or 'layer', got {normalize!r}")
         scorer = make_scorer(method, seed=random_seed, keep=naee_keep, max_subsets=naee_max_subsets,
                              max_tokens=naee_max_tokens, weighting=reap_weighting, sparsity=evo_sparsity,
-                             criterion=evo_criterion, population=evo_population, generations=evo_generations,
-                             until=greedy_until, max_evaluations=max_evaluations, reference_tokens=reference_tokens)
+                             criterion=evo_criterion, scores_from=evo_scores_from, population=evo_population,
+                             generations=evo_generations, until=greedy_until, lazy=greedy_lazy,
+                             max_evaluations=max_evaluations, reference_tokens=reference_tokens)
         super().__init__(model_name_or_path, dtype, trust_remote_code, experts_implementation)
         self.save_hyperparameters()
         self.scorer = scorer
