@@ -2,7 +2,7 @@
 
 One command (from the repository root):
 
-    python -m benchmarks.run                                  # both shipped models, writes benchmarks/RESULTS.md
+    python -m benchmarks.run                                  # the shipped models, writes benchmarks/RESULTS.md
     python -m benchmarks.run --models models/tiny-mixtral --limit 100 --seeds 0
 
 For each model, method and sparsity (25%, 50%) it prunes with the method's scores, evaluates the pruned model
@@ -750,7 +750,8 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int) -> dict[
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep")
+    parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
+                                            "models/tiny-qwen3-deep")
     parser.add_argument("--sparsities", default="0.25,0.5")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--limit", type=float, default=100, help="documents per multiple-choice task")
