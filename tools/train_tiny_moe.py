@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a tiny Mixture-of-Experts causal LM from scratch on the offline training corpus.
 
-The project ships three small, *trained* MoE language models so that expert pruning can be judged on
+The project ships four small, *trained* MoE language models so that expert pruning can be judged on
 real models (random weights cannot tell good pruning from bad):
 
 * ``models/tiny-mixtral``   -- ``MixtralForCausalLM``, 8 experts, top-2 routing.
@@ -9,6 +9,8 @@ real models (random weights cannot tell good pruning from bad):
   expert with its sigmoid gate, every layer sparse.
 * ``models/tiny-mixtral-deep`` -- ``MixtralForCausalLM`` with 8 MoE layers (8 experts, top-2) of a narrower
   width: a harder test bed for allocation, where redundancy can differ between many layers.
+* ``models/tiny-qwen3-deep`` -- ``Qwen3MoeForCausalLM``: a dense first layer (``mlp_only_layers=[0]``), then 8 MoE
+  layers (8 experts, top-2): the dense layer takes the token-identity work, so no MoE layer dominates.
 
 All share one byte-level BPE tokenizer (vocab 8192) trained on the same text. The text is every file
 of ``<data-dir>/train_corpus`` (C4 validation 2k, Gutenberg, State-of-the-Union, inaugural addresses,
@@ -31,9 +33,14 @@ Reproduce the shipped models (CPU, from the repository root; times and machines 
     python -m tools.train_tiny_moe --arch mixtral-deep --out models/tiny-mixtral-deep --tokenizer models/tiny-mixtral \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2600 --max-minutes 75 --eval-every 500 --log-every 100
+    # tiny-qwen3-deep: 2600 steps of 8 x 256 tokens (5.32 M tokens, 1.3 epochs), one thread
+    python -m tools.train_tiny_moe --arch qwen3-deep --out models/tiny-qwen3-deep --tokenizer models/tiny-mixtral \
+        --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
+        --max-steps 2600 --max-minutes 75 --eval-every 500 --log-every 100
     python -m tools.model_card --model models/tiny-mixtral --threads 2
     python -m tools.model_card --model models/tiny-qwen-moe --threads 2
     python -m tools.model_card --model models/tiny-mixtral-deep --threads 2
+    python -m tools.model_card --model models/tiny-qwen3-deep --threads 1
 
 The shipped models were written to a scratch ``--out`` and copied into ``models/`` (so a half-finished run
 never replaces a shipped model); each ``training_log.json`` records its command verbatim.
