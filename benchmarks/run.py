@@ -271,8 +271,8 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         # DiEP: one search per data seed serves every sparsity
         diep_modules = {}
         # (DiEP refined by the evolutionary allocation needs only the first seed's search)
-        diep_seeds = seeds if wanted("diep", "diep_uniform", "diep_merge", "diep_skip") else seeds[:1]
-        for seed in diep_seeds if wanted("diep", "diep_uniform", "diep_merge", "diep_skip", "diep_evo") else []:
+        diep_rows = wanted("diep", "diep_uniform", "diep_merge", "diep_skip")
+        for seed in seeds if diep_rows else seeds[:1] if wanted("diep_evo") else []:
             module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
             diep_modules[seed] = (module.expert_scores(), datamodule)
             for sparsity in sparsities:

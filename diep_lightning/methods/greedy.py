@@ -86,10 +86,10 @@ class GreedyScorer(Scorer):
             heapq.heappush(heap, (loss - current, len(order), layer, e))
         return order
 
-    def scores(self, family, blocks):
+    def _exact_order(self, blocks) -> list[tuple[int, int]]:
         removed: dict[int, list[int]] = {b.index: [] for b in blocks}
-        self.order = self._lazy_order(blocks) if self.lazy else []
-        for _ in range(0 if self.lazy else self._steps(blocks)):
+        order: list[tuple[int, int]] = []
+        for _ in range(self._steps(blocks)):
             best, best_loss = None, float("inf")
             for block in blocks:
                 if block.num_experts - len(removed[block.index]) <= block.top_k:
@@ -97,12 +97,15 @@ class GreedyScorer(Scorer):
                 for e in range(block.num_experts):
                     if e in removed[block.index]:
                         continue
-                    trial = {**removed, block.index: [*removed[block.index], e]}
-                    loss = self.evaluator.loss(trial)
+                    loss = self.evaluator.loss({**removed, block.index: [*removed[block.index], e]})
                     if loss < best_loss:
                         best, best_loss = (block.index, e), loss
             removed[best[0]].append(best[1])
-            self.order.append(best)
+            order.append(best)
+        return order
+
+    def scores(self, family, blocks):
+        self.order = self._lazy_order(blocks) if self.lazy else self._exact_order(blocks)
         # removed first = lowest score; never removed: above every removed one
         scores = [torch.full((b.num_experts,), float(len(self.order) + 1)) for b in blocks]
         for step, (layer, e) in enumerate(self.order):
