@@ -115,8 +115,9 @@ def cost_search(model_dir: str, row: str, args: argparse.Namespace) -> tuple[str
     if row == "evo":
         return "evo", {"evo_sparsity": 0.5, "evo_population": args.evo_population,
                        "evo_generations": args.evo_generations, "reference_tokens": args.reference_tokens}
-    if row in ("ablation", "greedy"):
-        return row, {**reference_kwargs(args), **({"greedy_until": 0.5} if row == "greedy" else {})}
+    if row in ("ablation", "greedy", "greedy_lazy"):
+        greedy = {"greedy_until": 0.5, **({"greedy_lazy": True} if row == "greedy_lazy" else {})}
+        return row.removesuffix("_lazy"), {**reference_kwargs(args), **(greedy if row != "ablation" else {})}
     return row, {}
 
 
@@ -126,6 +127,15 @@ def cost_child(model_dir: str, method: str, args: argparse.Namespace) -> dict[st
     start = time.perf_counter()
     if method == "floor":
         floor_pass(model_dir, args)
+    elif method == "diep_evo":  # DiEP's search, then the evolutionary allocation over its ranking
+        module, _ = search(model_dir, "diep", args)
+        with tempfile.TemporaryDirectory() as tmp:
+            recorded = Path(tmp) / "scores.json"
+            recorded.write_text(json.dumps({"scores": [s.tolist() for s in module.expert_scores()]}))
+            _, kwargs = cost_search(model_dir, "evo", args)
+            module, _ = search(model_dir, "evo", args, evo_criterion="recorded", evo_scores_from=str(recorded),
+                               **kwargs)
+            module.expert_scores()
     else:
         name, kwargs = cost_search(model_dir, method, args)
         module, _ = search(model_dir, name, args, **kwargs)
@@ -387,8 +397,8 @@ def measure_cost_and_decode(model_dir: str, args: argparse.Namespace, result: di
         module, dm0 = search(model_dir, "diep", args, data_seed=42)
         scores0 = module.expert_scores()
     if "cost" in args.phases:
-        # the references (ablation, greedy) are not methods to pick by cost; their evaluations are in the quality rows
-        for method in ("floor", "diep", "frequency", "reap", "reap_global_norm", "naee", "evo"):
+        # the references (ablation, greedy) are yardsticks rather than methods to pick, but their cost is shown too
+        for method in COST_ROWS:
             result["cost"][method] = measure_cost(model_dir, method, args)
             print(f"   cost {method}: {result['cost'][method]}", flush=True)
     if "decode" in args.phases:  # full, pruned 50%, pruned 50% + skipping, and skipping alone
@@ -433,6 +443,9 @@ def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
 #: every quality row, in the order a run measures them (``--methods`` picks a subset)
 QUALITY_ROWS = ("diep", "diep_uniform", "diep_merge", "diep_skip", "diep_evo", "random", "frequency", "reap",
                 "reap_global_norm", "evo", "ablation", "greedy", "greedy_lazy", "naee")
+#: the search-cost table's rows: the floor, every method that chooses experts, and the references
+COST_ROWS = ("floor", "diep", "frequency", "reap", "reap_global_norm", "naee", "evo", "diep_evo", "ablation", "greedy",
+             "greedy_lazy")
 ALLOCATORS = ("diep", "diep_evo", "evo", "reap_global_norm", "ablation", "greedy", "greedy_lazy")
 BASELINES = ("random", "frequency", "reap", "naee", "reap_global_norm", "evo")
 #: what DiEP is compared with, document by document: its own uniform ablation, the peers, the references

@@ -147,3 +147,19 @@ def test_teacher_cache_gives_the_same_search(tiny_mixtral_dir, tmp_path):
     a, b = _checkpoint(cached)["state_dict"], _checkpoint(plain)["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_a_search_without_a_logger_skips_the_per_layer_metrics(tiny_mixtral_dir, tmp_path):
+    """Per-layer beta and alpha entropy cost a host transfer each step; with nothing to log them to they are not
+    computed, while the losses still reach the callbacks."""
+    import lightning.pytorch as pl
+
+    from diep_lightning.data import CalibrationDataModule
+
+    module = DiEPModule(tiny_mixtral_dir)
+    data = CalibrationDataModule(tokenizer=tiny_mixtral_dir, num_samples=8, seq_len=16, batch_size=4)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, data)
+    assert "train/loss_step" in trainer.callback_metrics
+    assert not any(k.startswith(("beta/", "alpha_entropy/")) for k in trainer.callback_metrics)

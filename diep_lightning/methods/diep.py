@@ -295,16 +295,28 @@ class DiEPModule(FrozenMoEModule):
     def _log_step(self, losses: dict[str, torch.Tensor], phase: str, opt_alpha: Any, opt_beta: Any) -> None:
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, prog_bar=True, on_step=True,
                       on_epoch=True, sync_dist=False)
+        if not self.logs_layers_now():
+            return
         metrics: dict[str, float] = {
             "train/phase_alpha": float(phase == "alpha"),
             "lr/alpha": opt_alpha.param_groups[0]["lr"],
             "lr/beta": opt_beta.param_groups[0]["lr"],
         }
-        for i, (alpha, beta) in enumerate(zip(self.alphas(), self.beta)):
-            alpha = alpha.detach().float()
-            metrics[f"beta/layer_{i}"] = float(beta.detach())
-            metrics[f"alpha_entropy/layer_{i}"] = float(-(alpha * alpha.clamp_min(1e-12).log()).sum())
+        # one host transfer for all layers, not two per layer
+        alphas = [a.detach().float() for a in self.alphas()]
+        entropy = torch.stack([-(a * a.clamp_min(1e-12).log()).sum() for a in alphas])
+        betas = torch.stack([b.detach().float().reshape(()) for b in self.beta])
+        for i, (beta, ent) in enumerate(zip(*torch.stack([betas, entropy]).cpu().tolist())):
+            metrics[f"beta/layer_{i}"] = beta
+            metrics[f"alpha_entropy/layer_{i}"] = ent
         self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def logs_layers_now(self) -> bool:
+        """Whether this step's per-layer beta and alpha entropy reach a logger: only on the trainer's logging steps
+        (``log_every_n_steps``), so that a search without a logger pays nothing for them."""
+        if self._trainer is None or not self.trainer.loggers:
+            return False
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0 or self.trainer.should_stop
 
     def configure_optimizers(self) -> Any:
         opt_alpha = self.alpha_optimizer(list(self.alpha_logits))
