@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,18 @@ def run_child(kind: str, model_dir: str, args: argparse.Namespace) -> dict[str, 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def summarise(row: dict[str, Any]) -> dict[str, Any]:
+    """Medians over the rounds for each kind, and the search/floor ratios taken within each round (median, min,
+    max), so that a slow moment of the machine shows as spread instead of as a ratio."""
+    runs = row["runs"]
+    for kind, measured in runs.items():
+        row[kind] = {key: statistics.median(r[key] for r in measured) for key in measured[0]}
+    for key, name in (("wall_s", "wall_ratio"), ("peak_rss_mb", "memory_ratio")):
+        ratios = [d[key] / f[key] for f, d in zip(runs["floor"], runs["diep"])]
+        row[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+    return row
+
+
 def fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares ``y = a * x^b`` in log-log space: (a, b)."""
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
@@ -147,8 +160,7 @@ def projection(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str
     frozen), i.e. ``6 * active * tokens`` FLOPs per epoch. Memory: the frozen bf16 weights (2 bytes/param) plus,
     for the search, the teacher cache ``layers * samples * seq_len * hidden * 2`` bytes, which the default
     ``teacher_cache_gb=2`` caps (above it the cache is off and every step recomputes the teacher: ratio 4/3)."""
-    ratios = sorted(r["diep"]["wall_s"] / r["floor"]["wall_s"] for r in rows)
-    ratio = ratios[len(ratios) // 2]
+    ratio = statistics.median(r["wall_ratio"]["median"] for r in rows)
     out = {}
     for name, t in TARGETS.items():
         tokens = 128 * 2048
@@ -164,14 +176,22 @@ def report(results: dict[str, Any]) -> str:
     lines = ["## Search cost against model size", "",
              f"Measured by: `{results['command']}` on {results['machine']}. Mixtral-shaped random models; "
              f"{results['samples']} sequences of {results['seq_len']} tokens, batch {results['batch_size']}, "
-             f"{results['epochs']} epochs; each run in its own process.", "",
+             f"{results['epochs']} epochs; each run in its own process, {results['repeats']} rounds of floor and search "
+             "(alternating which goes first): medians, and the ratio's median [min-max] over the rounds.", "",
              "| size (hidden x layers) | parameters | floor s | DiEP s | x floor | floor peak MB | DiEP peak MB | "
              "x floor | teacher cache MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        f, d = r["floor"], r["diep"]
+        f, d, w, m = r["floor"], r["diep"], r["wall_ratio"], r["memory_ratio"]
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {f['wall_s']:.1f} | {d['wall_s']:.1f} | "
-                     f"{d['wall_s'] / f['wall_s']:.2f} | {f['peak_rss_mb']:.0f} | {d['peak_rss_mb']:.0f} | "
-                     f"{d['peak_rss_mb'] / f['peak_rss_mb']:.2f} | {d['teacher_cache_mb']:.1f} |")
+                     f"{w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}] | {f['peak_rss_mb']:.0f} | "
+                     f"{d['peak_rss_mb']:.0f} | {m['median']:.2f} [{m['min']:.2f}-{m['max']:.2f}] | "
+                     f"{d['teacher_cache_mb']:.1f} |")
+    targets = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())
+    for key, ratio, what in (("search_wall_ratio_max", "wall_ratio", "wall time"),
+                             ("search_memory_ratio_max", "memory_ratio", "peak memory")):
+        missed = [r["size"] for r in results["rows"] if r[ratio]["median"] > targets[key]]
+        lines.append(f"\nTarget: the search within {targets[key]:g}x the floor's {what} at every size: "
+                     + (f"missed at {', '.join(missed)}." if missed else "met."))
     fit = results["fit"]
     lines += ["", f"Fitted growth over {results['rows'][0]['params'] / 1e6:.1f}M-{results['rows'][-1]['params'] / 1e6:.0f}M "
               f"parameters: floor time ~ params^{fit['floor_time'][1]:.2f}, DiEP time ~ params^{fit['diep_time'][1]:.2f}, "
@@ -194,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of floor and search per size")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "search_cost.json"))
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
     ap.add_argument("--child", choices=["floor", "diep"], help=argparse.SUPPRESS)
@@ -207,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"command": "python -m benchmarks.search_cost " + " ".join(argv or []),
                                "machine": machine(torch.device("cpu")), "samples": args.samples,
                                "seq_len": args.seq_len, "batch_size": args.batch_size, "epochs": args.epochs,
+                               "repeats": args.repeats,
                                "rows": []}
     from transformers import AutoModelForCausalLM
 
@@ -219,11 +241,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_dir = str(Path(tmp) / size)
             model.save_pretrained(model_dir)
             del model
-            row = {"size": size, "params": params}
-            for kind in ("floor", "diep"):
-                row[kind] = run_child(kind, model_dir, args)
-                print(f"   {size} ({params / 1e6:.1f}M) {kind}: {row[kind]}", flush=True)
-            results["rows"].append(row)
+            row = {"size": size, "params": params, "runs": {"floor": [], "diep": []}}
+            for round_ in range(args.repeats):  # one floor and one search per round, in alternating order
+                for kind in ("floor", "diep") if round_ % 2 == 0 else ("diep", "floor"):
+                    row["runs"][kind].append(run_child(kind, model_dir, args))
+                    print(f"   {size} ({params / 1e6:.1f}M) round {round_} {kind}: {row['runs'][kind][-1]}", flush=True)
+            results["rows"].append(summarise(row))
     params = [r["params"] for r in results["rows"]]
     results["fit"] = {"floor_time": fit_power(params, [r["floor"]["wall_s"] for r in results["rows"]]),
                       "diep_time": fit_power(params, [r["diep"]["wall_s"] for r in results["rows"]]),

@@ -125,13 +125,15 @@ def test_search_cost_benchmark_smoke(tmp_path):
 
     results_md = tmp_path / "RESULTS.md"
     results = search_cost.main(["--sizes", "32x1,64x1", "--vocab", "64", "--samples", "4", "--seq-len", "16",
-                                "--batch-size", "2", "--epochs", "2", "--threads", "1",
+                                "--batch-size", "2", "--epochs", "2", "--threads", "1", "--repeats", "2",
                                 "--out", str(tmp_path / "cost.json"), "--results", str(results_md)])
     assert [r["size"] for r in results["rows"]] == ["32x1", "64x1"]
     assert results["rows"][1]["params"] > results["rows"][0]["params"]
     for row in results["rows"]:
         assert row["floor"]["wall_s"] > 0 and row["diep"]["wall_s"] > 0
         assert row["diep"]["teacher_cache_mb"] > 0  # the cache filled in the first epoch
+        assert len(row["runs"]["floor"]) == len(row["runs"]["diep"]) == 2
+        assert row["wall_ratio"]["min"] <= row["wall_ratio"]["median"] <= row["wall_ratio"]["max"]
     assert set(results["projection"]) == {"Mixtral-8x7B", "Qwen3-30B-A3B"}
     assert "<!-- search_cost:begin -->" in results_md.read_text()
 
