@@ -324,6 +324,24 @@ class TokenBlockDataset(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "sample_index": torch.tensor(idx)}
 
 
+class RankShardSampler(DistributedSampler):
+    """A ``DistributedSampler`` whose rank keeps the same samples every epoch (rows ``rank, rank + replicas, ...``),
+    shuffled within the shard per epoch; with one replica its order equals ``DistributedSampler``'s.
+
+    Why: the search caches the teacher's outputs per sample, and a rank that saw other samples each epoch would
+    have to cache all of them instead of its own share."""
+
+    def __iter__(self) -> Any:
+        shard = list(range(self.rank, len(self.dataset), self.num_replicas))
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            shard = [shard[i] for i in torch.randperm(len(shard), generator=g).tolist()]
+        if self.drop_last:
+            return iter(shard[:self.num_samples])
+        return iter((shard * (self.num_samples // max(1, len(shard)) + 1))[:self.num_samples])
+
+
 class CalibrationDataModule(L.LightningDataModule):
     """Fixed-length calibration sequences (default: the bundled C4 train sample).
 
@@ -440,13 +458,14 @@ class CalibrationDataModule(L.LightningDataModule):
 
         The sampler is always a ``DistributedSampler`` (one replica when not distributed): Lightning calls its
         ``set_epoch`` every epoch, so a run resumed from a checkpoint sees the same batches as an uninterrupted
-        one, and under DDP/FSDP2 each rank gets its own disjoint share (Lightning leaves such a sampler alone).
+        one, and under DDP/FSDP2 each rank gets its own disjoint share (Lightning leaves such a sampler alone),
+        the same share every epoch (:class:`RankShardSampler`).
         """
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         replicas = torch.distributed.get_world_size() if dist else 1
         rank = torch.distributed.get_rank() if dist else 0
-        sampler = DistributedSampler(TokenBlockDataset(tokens), num_replicas=replicas, rank=rank, shuffle=shuffle,
-                                     seed=self.seed, drop_last=False)
+        sampler = RankShardSampler(TokenBlockDataset(tokens), num_replicas=replicas, rank=rank, shuffle=shuffle,
+                                   seed=self.seed, drop_last=False)
         return DataLoader(
             TokenBlockDataset(tokens),
             batch_size=self.batch_size,

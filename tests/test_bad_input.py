@@ -119,6 +119,7 @@ CASES = [
     ("ratio_malformed", None, ["--model.alpha_beta_ratio=3-1"], "alpha_beta_ratio:"),
     ("ratio_zero", None, ["--model.alpha_beta_ratio=0:0"], "alpha_beta_ratio:"),
     ("negative_lambda", None, ["--model.lam=-1"], "lam:"),
+    ("teacher_cache_device_unknown", None, ["--model.teacher_cache_device=gpu"], "teacher_cache_device"),
     ("unknown_method", None, ["--model=BaselineModule", "--model.method=magic"], "model.method"),
     ("unknown_callback_argument", None, [*PRUNE, "--prune.sparsityy=0.5"], "sparsityy"),
     ("export_dir_exists", None, [*PRUNE, "--prune.export_dir={root}/taken"], "export_dir:"),

@@ -135,6 +135,9 @@ def test_search_cost_benchmark_smoke(tmp_path):
         assert len(row["runs"]["floor"]) == len(row["runs"]["diep"]) == 2
         assert row["wall_ratio"]["min"] <= row["wall_ratio"]["median"] <= row["wall_ratio"]["max"]
     assert set(results["projection"]) == {"Mixtral-8x7B", "Qwen3-30B-A3B"}
+    for p in results["projection"].values():  # the shipped configs keep the teacher cache, in host memory
+        assert p["cache_used"] and p["cache_device"] == "cpu" and p["teacher_cache_gb"] <= p["cache_limit_gb"]
+        assert p["search_over_floor"] >= p["measured_ratio"] and p["copy_gb_per_step"] > 0
     assert "<!-- search_cost:begin -->" in results_md.read_text()
 
 

@@ -162,3 +162,33 @@ def test_setup_errors(tiny_tokenizer, tmp_path):
     dm = CalibrationDataModule(num_samples=2, seq_len=8)
     with pytest.raises(ValueError, match="tokenizer"):
         dm.setup()
+
+
+def test_each_rank_keeps_its_samples_every_epoch():
+    """The teacher cache holds a rank's own samples only if the rank sees the same ones each epoch; with one
+    replica the order is DistributedSampler's, so single-process runs are unchanged."""
+    from torch.utils.data import DistributedSampler
+
+    from diep_lightning.data import RankShardSampler, TokenBlockDataset
+
+    data = TokenBlockDataset(torch.zeros(10, 4, dtype=torch.long))
+    for epoch in range(3):
+        ours, stock = (cls(data, num_replicas=1, rank=0, shuffle=True, seed=7) for cls in (RankShardSampler,
+                                                                                           DistributedSampler))
+        ours.set_epoch(epoch)
+        stock.set_epoch(epoch)
+        assert list(ours) == list(stock)
+    shards = {}
+    for rank in range(3):
+        seen = []
+        for epoch in range(3):
+            sampler = RankShardSampler(data, num_replicas=3, rank=rank, shuffle=True, seed=7)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            assert len(order) == len(sampler) == 4  # equal lengths, as DistributedSampler pads
+            seen.append(order)
+        assert len({tuple(sorted(set(o))) for o in seen}) == 1, "a rank's samples changed between epochs"
+        assert seen[0] != seen[1] or seen[1] != seen[2], "the order within a shard is shuffled per epoch"
+        shards[rank] = set(seen[0])
+    assert set().union(*shards.values()) == set(range(10))
+    assert not shards[0] & shards[1] and not shards[1] & shards[2] and not shards[0] & shards[2]

@@ -144,9 +144,35 @@ def test_teacher_cache_gives_the_same_search(tiny_mixtral_dir, tmp_path):
     cli = main(fit_args(tiny_mixtral_dir, cached, epochs=2))
     assert len(cli.model._teacher_cache) == 16, "every calibration sample's teacher outputs are cached"
     main(fit_args(tiny_mixtral_dir, plain, "--model.teacher_cache_gb=0", epochs=2))
-    a, b = _checkpoint(cached)["state_dict"], _checkpoint(plain)["state_dict"]
+    host = str(tmp_path / "host")
+    cli = main(fit_args(tiny_mixtral_dir, host, "--model.teacher_cache_device=cpu", epochs=2))
+    assert {t.device.type for row in cli.model._teacher_cache.values() for t in row.values()} == {"cpu"}
+    a, b, c = (_checkpoint(root)["state_dict"] for root in (cached, plain, host))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(c[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_the_teacher_cache_limit_counts_this_ranks_samples(tiny_mixtral_dir):
+    """Under DDP a rank caches only its own share, so a limit that holds that share but not every sample keeps
+    the cache on: here 16 samples on 2 ranks, with room for 8 samples' outputs."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from diep_lightning.data import RankShardSampler, TokenBlockDataset
+
+    module = DiEPModule(tiny_mixtral_dir)
+    dataset = TokenBlockDataset(torch.zeros(16, 4, dtype=torch.long))
+    batch = {"input_ids": torch.zeros(4, 4, dtype=torch.long), "sample_index": torch.arange(4)}
+    teacher = {0: torch.zeros(4, 16, 8)}  # 512 bytes per sample
+    rank_loader = DataLoader(dataset, batch_size=4, sampler=RankShardSampler(dataset, num_replicas=2, rank=0))
+    module._trainer = SimpleNamespace(train_dataloader=rank_loader)
+    module.hparams.teacher_cache_gb = 512 * 8 / 2**30
+    assert module._cache_fits(batch, teacher)
+    module._trainer = SimpleNamespace(train_dataloader=DataLoader(dataset, batch_size=4))  # one process: all 16
+    assert not module._cache_fits(batch, teacher)
+    module._trainer = None
 
 
 def test_a_search_without_a_logger_skips_the_per_layer_metrics(tiny_mixtral_dir, tmp_path):
