@@ -265,7 +265,9 @@ def targets_lines(results: dict[str, Any]) -> list[str]:
     """Where the speed targets of ``targets.json`` stand, per shape and dtype (median ratio over rounds, and
     whether the whole range clears it)."""
     targets = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())["speed_ratio_min"]
-    lines = ["Targets (x the full model's tokens/s):", ""]
+    lines = ["Targets (x the full model's tokens/s). Each skipping-alone line also gives the most skipping could give "
+             "with the skipped share it measured: when that bound is below the target, no implementation of "
+             "skipping reaches it on this machine at that share, and a higher share is a quality trade-off:", ""]
     for key, entry in results["runs"].items():
         for name, by_metric in targets.items():
             for metric, least in by_metric.items():
@@ -273,8 +275,31 @@ def targets_lines(results: dict[str, Any]) -> list[str]:
                 verdict = ("met" if m["ratio_min"] >= least else "met at the median, not in every round"
                            if m["ratio"] >= least else "missed")
                 lines.append(f"- {key}: {name} {metric.replace('_', ' b=')} {m['ratio']:.2f}x "
-                             f"[{m['ratio_min']:.2f}-{m['ratio_max']:.2f}] (target >= {least:g}): {verdict}.")
+                             f"[{m['ratio_min']:.2f}-{m['ratio_max']:.2f}] (target >= {least:g}): {verdict}."
+                             + bounds_note(entry, name, metric))
     return lines + [""]
+
+
+def skipping_bounds(entry: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """What skipping alone could give at most, from the profile, if the skipped work cost nothing: weights-bound
+    (the experts' time scales with the expert matrices some token still uses) and compute-bound (it scales with
+    the chosen slots still computed). A measured ratio near the first says decode streams weights."""
+    prof = entry.get("profile")
+    if not prof or metric not in prof.get("full", {}):
+        return None
+    full, skip = prof["full"][metric], prof["full_skip"][metric]
+    share = entry["facts"]["full"]["skipped_share"]
+    weights = 1 / (1 - full["experts_time_share"] * (1 - skip["experts_used_share"] / full["experts_used_share"]))
+    compute = 1 / (1 - full["experts_time_share"] * share)
+    return weights, compute
+
+
+def bounds_note(entry: dict[str, Any], name: str, metric: str) -> str:
+    bounds = skipping_bounds(entry, metric) if name == "full_skip" else None
+    if bounds is None:
+        return ""
+    return (f" If skipped work cost nothing: {bounds[0]:.2f}x weights-bound, {bounds[1]:.2f}x compute-bound "
+            "(from the profile above).")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -292,7 +317,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "speed.json"))
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
+    ap.add_argument("--from", dest="from_json", default=None,
+                    help="re-render the RESULTS.md section from an earlier run's speed.json, measuring nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        if args.results:
+            write_section(Path(args.results), f"speed_{results['device']}", report(results))
+        return results
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")

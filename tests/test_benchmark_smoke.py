@@ -156,3 +156,16 @@ def test_paired_bootstrap_verdicts():
     point, low, high = bench.paired_bootstrap(a, b, "kit_wikitext2")
     assert abs(point - __import__("math").exp(-0.2)) < 1e-9 and high < 1
     assert bench.verdict("kit_wikitext2", low, high) == "better"
+
+
+def test_skipping_bounds_from_the_profile(tmp_path):
+    """The bounds follow from the profile: half the expert matrices left unused with the experts taking all the
+    time would double speed if decode streams weights; a quarter of slots skipped gives 4/3 if it computes."""
+    from benchmarks import speed
+
+    entry = {"facts": {"full": {"skipped_share": 0.25}},
+             "profile": {"full": {"decode_1": {"experts_time_share": 1.0, "experts_used_share": 0.5}},
+                         "full_skip": {"decode_1": {"experts_time_share": 1.0, "experts_used_share": 0.25}}}}
+    weights, compute = speed.skipping_bounds(entry, "decode_1")
+    assert abs(weights - 2.0) < 1e-9 and abs(compute - 4 / 3) < 1e-9
+    assert speed.skipping_bounds(entry, "decode_16") is None
