@@ -139,6 +139,8 @@ def cost_child(model_dir: str, method: str, args: argparse.Namespace) -> dict[st
     else:
         name, kwargs = cost_search(model_dir, method, args)
         module, _ = search(model_dir, name, args, **kwargs)
+        if method == "naee":  # refused here as in the quality phase, not after an exhaustive search
+            module.check_pruning(0.5, "uniform")
         module.expert_scores()  # NAEE's subset search, evo, ablation and greedy do their work at scoring
     wall = time.perf_counter() - start
     return {"wall_s": wall, "peak_rss_mb": peak_rss_mb()}
@@ -398,7 +400,9 @@ def measure_cost_and_decode(model_dir: str, args: argparse.Namespace, result: di
         scores0 = module.expert_scores()
     if "cost" in args.phases:
         # the references (ablation, greedy) are yardsticks rather than methods to pick, but their cost is shown too
-        for method in COST_ROWS:
+        # with --methods, the floor and those rows only (the floor is always measured beside them)
+        chosen = set(args.methods.split(",")) if getattr(args, "methods", None) else set(COST_ROWS)
+        for method in [row for row in COST_ROWS if row == "floor" or row in chosen]:
             result["cost"][method] = measure_cost(model_dir, method, args)
             print(f"   cost {method}: {result['cost'][method]}", flush=True)
     if "decode" in args.phases:  # full, pruned 50%, pruned 50% + skipping, and skipping alone

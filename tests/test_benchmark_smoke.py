@@ -139,6 +139,9 @@ def test_search_cost_benchmark_smoke(tmp_path):
         assert p["cache_used"] and p["cache_device"] == "cpu" and p["teacher_cache_gb"] <= p["cache_limit_gb"]
         assert p["search_over_floor"] >= p["measured_ratio"] and p["copy_gb_per_step"] > 0
     assert "<!-- search_cost:begin -->" in results_md.read_text()
+    # the section re-renders from the json alone, measuring nothing
+    again = search_cost.main(["--from", str(tmp_path / "cost.json"), "--results", str(tmp_path / "again.md")])
+    assert again["projection"] == results["projection"] and "| 64x1 |" in (tmp_path / "again.md").read_text()
 
 
 def test_paired_bootstrap_verdicts():

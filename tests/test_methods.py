@@ -85,6 +85,10 @@ def test_naee_picks_the_best_subset_and_refuses_huge_searches():
         assert error(chosen) <= error(other) + 1e-6
     with pytest.raises(ValueError, match="max_subsets"):
         NaeeScorer(keep=4, max_subsets=10).check(blocks, 0.5, "uniform")
+    small = NaeeScorer(keep=4, max_subsets=10)  # scoring without check() refuses too, before searching
+    small.hidden = scorer.hidden
+    with pytest.raises(ValueError, match="max_subsets=10"):
+        small.scores(family, blocks)
     with pytest.raises(ValueError, match="uniform"):
         NaeeScorer(keep=4).check(blocks, 0.5, "global")
     with pytest.raises(ValueError, match="naee_keep: 4 experts per layer, but sparsity 0.25 keeps 6"):

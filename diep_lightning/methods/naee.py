@@ -65,6 +65,11 @@ class NaeeScorer(Scorer):
     @torch.no_grad()
     def scores(self, family, blocks):
         result = []
+        for block in blocks:  # refused before any work, also when check() was not called first
+            if math.comb(block.num_experts, self.keep) > self.max_subsets:
+                raise ValueError(f"method: NAEE would try C({block.num_experts}, {self.keep}) = "
+                                 f"{math.comb(block.num_experts, self.keep):.3g} subsets in layer {block.index}, over "
+                                 f"max_subsets={self.max_subsets}; raise naee_max_subsets or use method: diep")
         for block in blocks:
             hidden = torch.cat(self.hidden[block.index], 0).unsqueeze(0)
             reference = _block_output(block, hidden)
