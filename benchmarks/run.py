@@ -139,8 +139,9 @@ def cost_child(model_dir: str, method: str, args: argparse.Namespace) -> dict[st
     else:
         name, kwargs = cost_search(model_dir, method, args)
         module, _ = search(model_dir, name, args, **kwargs)
-        if method == "naee":  # refused here as in the quality phase, not after an exhaustive search
-            module.check_pruning(0.5, "uniform")
+        # refused here as in the quality phase, before the search's work
+        if method in ("naee", "ablation", "greedy", "greedy_lazy", "evo"):
+            module.check_pruning(0.5, "uniform" if method == "naee" else "global")
         module.expert_scores()  # NAEE's subset search, evo, ablation and greedy do their work at scoring
     wall = time.perf_counter() - start
     return {"wall_s": wall, "peak_rss_mb": peak_rss_mb()}

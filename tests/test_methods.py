@@ -196,6 +196,12 @@ def test_greedy_removes_the_cheapest_expert_first_and_its_order_is_the_selection
         scorer.check(blocks, 0.5, "global")
     with pytest.raises(ValueError, match="max_evaluations"):
         GreedyScorer(until=0.25, max_evaluations=20).check(blocks, 0.25, "global")
+    capped = GreedyScorer(until=0.25, max_evaluations=20)  # scoring without check() refuses too, before searching
+    capped.evaluator = scorer.evaluator
+    before = scorer.evaluator.evaluations
+    with pytest.raises(ValueError, match="max_evaluations=20"):
+        capped.scores(family, blocks)
+    assert scorer.evaluator.evaluations == before
 
 
 class _GrowingCost:

@@ -105,6 +105,12 @@ class GreedyScorer(Scorer):
         return order
 
     def scores(self, family, blocks):
+        if not self.lazy:  # refused before any work, also when check() was not called first
+            steps, total = self._steps(blocks), sum(b.num_experts for b in blocks)
+            needed = sum(total - t for t in range(steps))
+            if needed > self.max_evaluations:
+                raise ValueError(f"method: greedy would need up to {needed} loss evaluations, over max_evaluations="
+                                 f"{self.max_evaluations} (greedy_lazy: true needs far fewer)")
         self.order = self._lazy_order(blocks) if self.lazy else self._exact_order(blocks)
         # removed first = lowest score; never removed: above every removed one
         scores = [torch.full((b.num_experts,), float(len(self.order) + 1)) for b in blocks]
