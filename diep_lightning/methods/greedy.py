@@ -49,7 +49,7 @@ class GreedyScorer(Scorer):
         room = sum(b.num_experts - b.top_k for b in blocks)
         return min(round(self.until * total), room)
 
-    def check(self, blocks, sparsity, mode):
+    def _refuse_over_budget(self, blocks) -> None:
         steps, total = self._steps(blocks), sum(b.num_experts for b in blocks)
         # at most every remaining expert is a candidate; the lazy search's first pass is one per expert
         needed = total + 1 if self.lazy else sum(total - t for t in range(steps))
@@ -57,6 +57,11 @@ class GreedyScorer(Scorer):
             hint = "" if self.lazy else " (greedy_lazy: true needs far fewer)"
             raise ValueError(f"method: greedy would need up to {needed} loss evaluations, over max_evaluations="
                              f"{self.max_evaluations}{hint}; it is a reference for small models")
+
+    def check(self, blocks, sparsity, mode):
+        self._refuse_over_budget(blocks)
+        total = sum(b.num_experts for b in blocks)
+        steps = self._steps(blocks)
         if round(sparsity * total) > steps:
             raise ValueError(f"greedy_until: removal stops at {steps} experts, sparsity {sparsity} removes "
                              f"{round(sparsity * total)}; raise greedy_until")
@@ -105,12 +110,7 @@ class GreedyScorer(Scorer):
         return order
 
     def scores(self, family, blocks):
-        if not self.lazy:  # refused before any work, also when check() was not called first
-            steps, total = self._steps(blocks), sum(b.num_experts for b in blocks)
-            needed = sum(total - t for t in range(steps))
-            if needed > self.max_evaluations:
-                raise ValueError(f"method: greedy would need up to {needed} loss evaluations, over max_evaluations="
-                                 f"{self.max_evaluations} (greedy_lazy: true needs far fewer)")
+        self._refuse_over_budget(blocks)  # before any work, also when check() was not called first
         self.order = self._lazy_order(blocks) if self.lazy else self._exact_order(blocks)
         # removed first = lowest score; never removed: above every removed one
         scores = [torch.full((b.num_experts,), float(len(self.order) + 1)) for b in blocks]

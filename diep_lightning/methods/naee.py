@@ -45,6 +45,10 @@ class NaeeScorer(Scorer):
             if wanted != self.keep:
                 raise ValueError(f"naee_keep: {self.keep} experts per layer, but sparsity {sparsity} keeps {wanted} of "
                                  f"{block.num_experts} in MoE layer {block.index}; set --model.naee_keep={wanted}")
+        self._refuse_huge_searches(blocks)
+
+    def _refuse_huge_searches(self, blocks) -> None:
+        for block in blocks:
             count = math.comb(block.num_experts, self.keep)
             if count > self.max_subsets:
                 raise ValueError(
@@ -65,11 +69,7 @@ class NaeeScorer(Scorer):
     @torch.no_grad()
     def scores(self, family, blocks):
         result = []
-        for block in blocks:  # refused before any work, also when check() was not called first
-            if math.comb(block.num_experts, self.keep) > self.max_subsets:
-                raise ValueError(f"method: NAEE would try C({block.num_experts}, {self.keep}) = "
-                                 f"{math.comb(block.num_experts, self.keep):.3g} subsets in layer {block.index}, over "
-                                 f"max_subsets={self.max_subsets}; raise naee_max_subsets or use method: diep")
+        self._refuse_huge_searches(blocks)  # before any work, also when check() was not called first
         for block in blocks:
             hidden = torch.cat(self.hidden[block.index], 0).unsqueeze(0)
             reference = _block_output(block, hidden)
