@@ -5,6 +5,8 @@ before and after, where the export, ``lm_eval.json`` and the logs are), and the 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,11 +49,15 @@ def quiet() -> None:
     # the kit hands lm-eval a model object on purpose (one process, the run's own model)
     logging.getLogger("lm_eval.models.huggingface").addFilter(
         _Drop("is not of type `str`", "Passed an already-initialized model"))
-    try:  # per-file progress bars of datasets (one per BLiMP paradigm) and of transformers' weight loading
-        import datasets
+    # per-file progress bars of datasets (one per BLiMP paradigm) and of transformers' weight loading; datasets
+    # reads the variable when first imported, so a run that never loads it does not pay its second of imports
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    else:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
         import transformers
 
-        datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     except (ImportError, AttributeError):
         pass

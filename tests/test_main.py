@@ -25,6 +25,15 @@ def test_help_lists_subcommands():
         assert sub in result.stdout
 
 
+def test_quiet_silences_dataset_progress_bars_without_importing_datasets():
+    """Importing datasets costs about a second; a run that never loads it should not pay that to silence it."""
+    code = ("import sys; from diep_lightning.summary import quiet; quiet(); loaded = 'datasets' in sys.modules; "
+            "import datasets; print(loaded, datasets.is_progress_bar_enabled())")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_DATASETS_DISABLE_PROGRESS_BARS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
 def test_print_config_shows_defaults(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--model.model_name_or_path=some/model", "--print_config"])
