@@ -630,6 +630,10 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
     elif getattr(args, "jobs", 1) > 1:
         lines += [f"The models' quality runs went in {args.jobs} parallel processes; search cost and decode speed were "
                   "measured afterwards, one model at a time, on an otherwise idle machine.", ""]
+    if results.get("resumed"):
+        lines += ["Resumed (`--resume`): these parts were finished by an earlier, interrupted run of the same command "
+                  f"and settings into the same folder (each part's machine is in results.json): "
+                  f"{', '.join(results['resumed'])}.", ""]
     for model_name, res in results["models"].items():
         lines += [f"## {model_name}", ""]
         if res.get("measured_by"):
@@ -736,24 +740,54 @@ def plot(results: dict[str, Any], out: Path) -> None:
         plt.close(fig)
 
 
-def _parallel(models: list[str], argv: list[str], out: Path, jobs: int) -> dict[str, Any]:
-    """Benchmark each model in its own process (``jobs`` at a time) and gather their results."""
+#: arguments that do not change what a model's part measures, so a part can be resumed across them
+PLACEMENT_ARGS = ("models", "out", "jobs", "combine", "resume", "phases", "cost_child")
+
+
+def _settings(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k not in PLACEMENT_ARGS}
+
+
+def finished_part(path: Path, args: argparse.Namespace, phases: list[str]) -> dict[str, Any] | None:
+    """The results an earlier run with the same settings wrote to ``path`` for the same phases, or None: a part is
+    written only once its model's phases are done, so one that exists is complete."""
+    if not path.is_file():
+        return None
+    part = json.loads(path.read_text())
+    if part.get("args", {}).get("phases") != phases or _settings(part["args"]) != _settings(vars(args)):
+        return None
+    return part
+
+
+def _parallel(models: list[str], argv: list[str], out: Path, jobs: int, args: argparse.Namespace,
+              resumed: list[str]) -> dict[str, Any]:
+    """Benchmark each model in its own process (``jobs`` at a time, largest checkpoint first so the long runs do
+    not start last) and gather their results; with ``--resume``, a model whose part is finished is not rerun."""
     base = [a for a in argv]
-    for flag in ("--models", "--jobs", "--out", "--phases"):
+    for flag in ("--models", "--jobs", "--out", "--phases", "--resume"):
         while flag in base:
             i = base.index(flag)
-            del base[i:i + 2]
+            del base[i:i + (1 if flag == "--resume" else 2)]
         base = [a for a in base if not a.startswith(flag + "=")]
     running: list[tuple[subprocess.Popen, Path]] = []
     gathered: dict[str, Any] = {}
-    pending = list(models)
+    pending = []
+    for model in sorted(models, key=lambda m: -sum(f.stat().st_size for f in Path(m).glob("*.safetensors"))):
+        part = out / f".part_{Path(model).name}"
+        done = finished_part(part / "results.json", args, ["quality"]) if args.resume else None
+        if done is not None:
+            gathered.update(done["models"])
+            resumed.append(f"{Path(model).name} quality")
+        else:
+            pending.append(model)
     while pending or running:
         while pending and len(running) < jobs:
             model = pending.pop(0)
             part = out / f".part_{Path(model).name}"
             part.mkdir(parents=True, exist_ok=True)
+            (part / "results.json").unlink(missing_ok=True)  # the run's own earlier part: stale from here on
             log = open(part / "log.txt", "w")
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--models", model,
+            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run", *base, "--models", model,
                                      "--out", str(part), "--phases", "quality"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
             running.append((proc, part))
         time.sleep(5)
@@ -763,7 +797,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int) -> dict[
                 if proc.returncode != 0:
                     raise RuntimeError(f"benchmark of {part.name} failed; see {part / 'log.txt'}")
                 gathered.update(json.loads((part / "results.json").read_text())["models"])
-    return gathered
+    return {Path(m).name: gathered[Path(m).name] for m in models}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -802,6 +836,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phases", default="quality,cost,decode",
                         help="comma-separated subset of quality,cost,decode; with --jobs > 1 the parallel runs do "
                              "quality only and cost and decode follow one model at a time, so timings see an idle machine")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse each model's parts (quality; cost and decode) that an earlier, interrupted run of "
+                             "the same command finished in --out, so a long run can go on where it stopped")
     parser.add_argument("--cost-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.limit = int(args.limit) if args.limit >= 1 else args.limit
@@ -847,21 +884,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot(merged, out)
         return merged
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    results: dict[str, Any] = {"command": command, "args": vars(args), "models": {}}
+    results: dict[str, Any] = {"command": command, "args": vars(args), "models": {}, "resumed": []}
     models = args.models.split(",")
+
+    def part_path(model_dir: str, name: str) -> Path:
+        return out / f".part_{Path(model_dir).name}" / name
+
+    def save_part(path: Path, phases: list[str], sections: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"command": command, "args": {**vars(args), "phases": phases}, "models": sections}))
+
     if args.jobs > 1 and len(models) > 1:
-        results["models"] = _parallel(models, argv if argv is not None else sys.argv[1:], out, args.jobs)
+        results["models"] = _parallel(models, argv if argv is not None else sys.argv[1:], out, args.jobs, args,
+                                      results["resumed"])
         timed = [p for p in args.phases if p != "quality"]
         if timed:  # now the machine is idle: one model at a time
             from transformers import AutoModelForCausalLM
 
             for model_dir in models:
+                name = Path(model_dir).name
+                done = finished_part(part_path(model_dir, "timed.json"), args, timed) if args.resume else None
+                if done is not None:
+                    results["models"][name].update({k: done["models"][name][k] for k in ("cost", "decode")})
+                    results["resumed"].append(f"{name} {' and '.join(timed)}")
+                    continue
                 full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
                 measure_cost_and_decode(model_dir, argparse.Namespace(**{**vars(args), "phases": timed}),
-                                        results["models"][Path(model_dir).name], full)
+                                        results["models"][name], full)
+                save_part(part_path(model_dir, "timed.json"), timed,
+                          {name: {k: results["models"][name][k] for k in ("cost", "decode")}})
     else:
         for model_dir in models:
-            results["models"][Path(model_dir).name] = run_model(model_dir, args)
+            name = Path(model_dir).name
+            done = finished_part(part_path(model_dir, "results.json"), args, args.phases) if args.resume else None
+            if done is not None:
+                results["models"][name] = done["models"][name]
+                results["resumed"].append(f"{name} {' and '.join(args.phases)}")
+            else:
+                results["models"][name] = run_model(model_dir, args)
+                save_part(part_path(model_dir, "results.json"), args.phases, {name: results["models"][name]})
             (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, args, out, command)

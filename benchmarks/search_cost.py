@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     from benchmarks.speed import machine
 
-    results: dict[str, Any] = {"command": "python -m benchmarks.search_cost " + " ".join(argv or []),
+    results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.search_cost",
+                                                           *(argv if argv is not None else sys.argv[1:])]),
                                "machine": machine(torch.device("cpu")), "samples": args.samples,
                                "seq_len": args.seq_len, "batch_size": args.batch_size, "epochs": args.epochs,
                                "repeats": args.repeats,

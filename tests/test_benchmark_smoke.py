@@ -92,6 +92,38 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert "| diep_evo | 0.5 |" in (tmp_path / "added" / "RESULTS.md").read_text()
 
 
+def test_an_interrupted_run_resumes_the_parts_it_finished(tiny_mixtral_dir, tiny_qwen_dir, tmp_path):
+    """A multi-hour run can go on where it stopped: finished parts of the same settings are reused, not rerun."""
+    out = tmp_path / "bench"
+    small = ["--seeds", "0", "--limit", "2", "--blimp-limit", "1", "--wikitext-limit", "1", "--epochs", "1",
+             "--num-samples", "8", "--seq-len", "32", "--batch-size", "4", "--new-tokens", "2",
+             "--methods", "frequency", "--out", str(out)]
+    args = ["--models", f"{tiny_mixtral_dir},{tiny_qwen_dir}", "--jobs", "2", "--phases", "quality,cost", *small]
+    first = bench.main(args)
+    names = list(first["models"])
+    assert names == [Path(tiny_mixtral_dir).name, Path(tiny_qwen_dir).name] and not first["resumed"]
+    for name in names:
+        assert first["models"][name]["quality"]["frequency"] and first["models"][name]["cost"]["frequency"]["wall_s"] > 0
+    # mark one model's finished parts: a resumed run must take them as they are, and measure the other model anew
+    part = out / f".part_{names[0]}"
+    quality = json.loads((part / "results.json").read_text())
+    quality["models"][names[0]]["full"]["marker"] = 1
+    (part / "results.json").write_text(json.dumps(quality))
+    timed = json.loads((part / "timed.json").read_text())
+    timed["models"][names[0]]["cost"]["floor"]["wall_s"] = 12345.0
+    (part / "timed.json").write_text(json.dumps(timed))
+    (out / f".part_{names[1]}" / "timed.json").unlink()  # as if the run had stopped before this model's cost
+    second = bench.main([*args, "--resume"])
+    assert second["models"][names[0]]["full"]["marker"] == 1
+    assert second["models"][names[0]]["cost"]["floor"]["wall_s"] == 12345.0
+    assert second["models"][names[1]]["cost"]["floor"]["wall_s"] != first["models"][names[1]]["cost"]["floor"]["wall_s"]
+    assert second["resumed"] == [f"{names[0]} quality", f"{names[1]} quality", f"{names[0]} cost"]
+    assert "Resumed (`--resume`)" in (out / "RESULTS.md").read_text()
+    # other settings are another run: nothing is reused
+    third = bench.main(["--models", tiny_mixtral_dir, *small, "--phases", "quality", "--limit", "3", "--resume"])
+    assert not third["resumed"] and "marker" not in third["models"][names[0]]["full"]
+
+
 def test_benchmark_rejects_unknown_phase(tmp_path, capsys):
     import pytest
 
