@@ -124,6 +124,17 @@ def test_an_interrupted_run_resumes_the_parts_it_finished(tiny_mixtral_dir, tiny
     assert not third["resumed"] and "marker" not in third["models"][names[0]]["full"]
 
 
+def test_a_part_written_before_an_option_existed_resumes_only_at_its_default(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.DEFAULTS, "new_option", 7)
+    part = tmp_path / "results.json"
+    part.write_text(json.dumps({"args": {"limit": 100, "phases": ["quality"], "out": "elsewhere"}, "models": {}}))
+    args = lambda **kw: __import__("argparse").Namespace(limit=100, phases=["quality"], out="here", **kw)  # noqa: E731
+    assert bench.finished_part(part, args(new_option=7), ["quality"]) is not None
+    assert bench.finished_part(part, args(new_option=8), ["quality"]) is None
+    assert bench.finished_part(part, args(new_option=7), ["quality", "cost"]) is None
+    assert bench.finished_part(tmp_path / "missing.json", args(new_option=7), ["quality"]) is None
+
+
 def test_benchmark_rejects_unknown_phase(tmp_path, capsys):
     import pytest
 
@@ -191,6 +202,25 @@ def test_paired_bootstrap_verdicts():
     point, low, high = bench.paired_bootstrap(a, b, "kit_wikitext2")
     assert abs(point - __import__("math").exp(-0.2)) < 1e-9 and high < 1
     assert bench.verdict("kit_wikitext2", low, high) == "better"
+
+
+def test_the_skipping_target_line_says_when_a_miss_is_within_noise():
+    def section(skip_docs: list[float]) -> str:
+        diep = [1.0] * 60 + [0.0] * 40
+        entry = lambda docs: [{"seed": 0, "metrics": {"kit_blimp": sum(docs) / len(docs),  # noqa: E731
+                                                      "per_document": {"kit_blimp": docs}}}]
+        res = {"full": {"kit_wikitext2": 10.0, "kit_blimp": 0.6}, "cost": {},
+               "quality": {"diep": {"0.25": entry(diep)}, "diep_skip": {"0.25": entry(skip_docs)}}}
+        line = [x for x in bench.targets_section({"models": {"m": res}}) if "BLiMP lost to skipping" in x]
+        return line[0]
+
+    # two pairs of 100 flip: 2 points lost, but a paired interval that reaches the 1-point target
+    noisy = section([1.0] * 58 + [0.0] * 42)
+    assert "+2.0 points" in noisy and "missed" in noisy and "within noise of the target" in noisy
+    # twenty pairs flip the same way: a loss no resampling explains away
+    clear = section([1.0] * 40 + [0.0] * 60)
+    assert "+20.0 points" in clear and "missed" in clear and "within noise" not in clear
+    assert "met (95% paired interval" in section([1.0] * 60 + [0.0] * 40)
 
 
 def test_skipping_bounds_from_the_profile(tmp_path):
