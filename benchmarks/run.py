@@ -11,7 +11,9 @@ full model, and records exported expert bytes. DiEP and random run over several 
 seed). Then, side by side in one run, each method's search cost (wall time, peak resident memory, each in its
 own subprocess) against the floor: one plain forward + backward of the same model over the same batches and
 epochs. Finally decode tokens/s (greedy, batch 1 and 16) of the full, pruned, and pruned + skipping models.
-Writes ``RESULTS.md``, ``results.json`` and ``quality_vs_sparsity_<model>.png`` into ``--out``.
+Writes ``RESULTS.md``, ``results.json`` and ``quality_vs_sparsity_<model>.png`` into ``--out``; each model's
+finished parts go to ``--out``/``.part_<model>/`` as they finish, so the same command with ``--resume`` goes on
+after an interruption (the default run takes hours on a small CPU).
 """
 
 from __future__ import annotations
