@@ -865,6 +865,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--methods: unknown row(s) {sorted(set(args.methods.split(',')) - set(QUALITY_ROWS))}; "
                      f"choose from {', '.join(QUALITY_ROWS)}")
     torch.set_num_threads(args.threads)
+    from diep_lightning.summary import quiet
+
+    quiet()  # the searches' logs then show what the CLI's would: no warnings that are the design
     if args.cost_child:
         print(json.dumps(cost_child(args.models.split(",")[0], args.cost_child, args)))
         return {}
