@@ -756,6 +756,11 @@ def _settings(args: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k not in PLACEMENT_ARGS}
 
 
+def part_dir(out: Path, model_dir: str) -> Path:
+    """Where a model's finished parts are kept, for ``--resume``."""
+    return out / f".part_{Path(model_dir).name}"
+
+
 #: each option's default, filled in by main(): an option added after a part was written counts as its default there
 DEFAULTS: dict[str, Any] = {}
 
@@ -787,7 +792,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int, args: ar
     gathered: dict[str, Any] = {}
     pending = []
     for model in sorted(models, key=lambda m: -sum(f.stat().st_size for f in Path(m).glob("*.safetensors"))):
-        part = out / f".part_{Path(model).name}"
+        part = part_dir(out, model)
         done = finished_part(part / "results.json", args, ["quality"]) if args.resume else None
         if done is not None:
             gathered.update(done["models"])
@@ -797,7 +802,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int, args: ar
     while pending or running:
         while pending and len(running) < jobs:
             model = pending.pop(0)
-            part = out / f".part_{Path(model).name}"
+            part = part_dir(out, model)
             part.mkdir(parents=True, exist_ok=True)
             (part / "results.json").unlink(missing_ok=True)  # the run's own earlier part: stale from here on
             log = open(part / "log.txt", "w")
@@ -905,9 +910,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"command": command, "args": vars(args), "models": {}, "resumed": []}
     models = args.models.split(",")
 
-    def part_path(model_dir: str, name: str) -> Path:
-        return out / f".part_{Path(model_dir).name}" / name
-
     def save_part(path: Path, phases: list[str], sections: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"command": command, "args": {**vars(args), "phases": phases}, "models": sections}))
@@ -921,7 +923,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             for model_dir in models:
                 name = Path(model_dir).name
-                done = finished_part(part_path(model_dir, "timed.json"), args, timed) if args.resume else None
+                done = finished_part(part_dir(out, model_dir) / "timed.json", args, timed) if args.resume else None
                 if done is not None:
                     results["models"][name].update({k: done["models"][name][k] for k in ("cost", "decode")})
                     results["resumed"].append(f"{name} {' and '.join(timed)}")
@@ -929,18 +931,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
                 measure_cost_and_decode(model_dir, argparse.Namespace(**{**vars(args), "phases": timed}),
                                         results["models"][name], full)
-                save_part(part_path(model_dir, "timed.json"), timed,
+                save_part(part_dir(out, model_dir) / "timed.json", timed,
                           {name: {k: results["models"][name][k] for k in ("cost", "decode")}})
     else:
         for model_dir in models:
             name = Path(model_dir).name
-            done = finished_part(part_path(model_dir, "results.json"), args, args.phases) if args.resume else None
+            done = finished_part(part_dir(out, model_dir) / "results.json", args, args.phases) if args.resume else None
             if done is not None:
                 results["models"][name] = done["models"][name]
                 results["resumed"].append(f"{name} {' and '.join(args.phases)}")
             else:
                 results["models"][name] = run_model(model_dir, args)
-                save_part(part_path(model_dir, "results.json"), args.phases, {name: results["models"][name]})
+                save_part(part_dir(out, model_dir) / "results.json", args.phases, {name: results["models"][name]})
             (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, args, out, command)
