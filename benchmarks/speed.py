@@ -171,14 +171,41 @@ def profiles(models: dict[str, Any], args: argparse.Namespace, device: torch.dev
     return out
 
 
+@contextlib.contextmanager
+def _timed_grouped_matmuls(device: torch.device, spent: list[float]) -> Any:
+    """Add the time of every grouped matmul of transformers' ``grouped_mm`` experts path to ``spent[0]``: the part
+    of the experts' time that reads expert weights, as opposed to routing, sorting, gathering and activations."""
+    from transformers.integrations import moe
+
+    stock = getattr(moe, "_grouped_mm", None)
+    if stock is None:
+        yield
+        return
+
+    def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        _sync(device)
+        start = time.perf_counter()
+        out = stock(*args, **kwargs)
+        _sync(device)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    moe._grouped_mm = timed
+    try:
+        yield
+    finally:
+        moe._grouped_mm = stock
+
+
 @torch.no_grad()
 def profile(model: Any, batch: int, new_tokens: int, device: torch.device) -> dict[str, float]:
-    """Where decode time goes: the share spent inside the experts modules, and the share of (layer, step) expert
-    weight matrices that no token used (only those are reads that skipping or pruning can save)."""
+    """Where decode time goes: the share spent inside the experts modules and, of that, inside their grouped
+    matmuls, and the share of (layer, step) expert weight matrices that no token used (only those are reads that
+    skipping or pruning can save)."""
     from diep_lightning.families import get_family
     from diep_lightning.skipping import skip_mask
 
-    spent, used, seen = [0.0], [0], [0]
+    spent, matmuls, used, seen = [0.0], [0.0], [0], [0]
     starts: dict[int, float] = {}
 
     def pre(module: Any, args: Any) -> None:
@@ -197,12 +224,14 @@ def profile(model: Any, batch: int, new_tokens: int, device: torch.device) -> di
 
     blocks = get_family(model).blocks(model)
     handles = [h for b in blocks for h in (b.experts.register_forward_pre_hook(pre), b.experts.register_forward_hook(post))]
-    start = time.perf_counter()
-    decode_tps(model, batch, new_tokens, device)
-    total = time.perf_counter() - start
+    with _timed_grouped_matmuls(device, matmuls):
+        start = time.perf_counter()
+        decode_tps(model, batch, new_tokens, device)
+        total = time.perf_counter() - start
     for handle in handles:
         handle.remove()
-    return {"experts_time_share": spent[0] / total, "experts_used_share": used[0] / max(1, seen[0])}
+    return {"experts_time_share": spent[0] / total, "experts_used_share": used[0] / max(1, seen[0]),
+            "matmul_time_share": matmuls[0] / total if matmuls[0] else None, "total_s": total}
 
 
 def summarise(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -249,13 +278,18 @@ def report(results: dict[str, Any]) -> str:
         prof = entry.get("profile")
         if prof:
             lines += ["", "Where decode time goes (one untimed run with hooks on the experts modules): share of the time "
-                      "inside the experts, and share of (layer, step) expert weight matrices some token used:", "",
-                      "| variant | b=1 experts time | b=1 experts used | b=16 experts time | b=16 experts used |",
-                      "|---|---|---|---|---|"]
+                      "inside the experts, of it inside their grouped matmuls (the expert weights' reads), and share of "
+                      "(layer, step) expert weight matrices some token used:", "",
+                      "| variant | b=1 experts time | b=1 matmuls time | b=1 experts used | b=16 experts time | "
+                      "b=16 matmuls time | b=16 experts used |", "|---|---|---|---|---|---|---|"]
             for name in VARIANTS:
-                p1, p16 = prof[name]["decode_1"], prof[name]["decode_16"]
-                lines.append(f"| {name} | {p1['experts_time_share']:.2f} | {p1['experts_used_share']:.2f} | "
-                             f"{p16['experts_time_share']:.2f} | {p16['experts_used_share']:.2f} |")
+                cells = []
+                for metric in ("decode_1", "decode_16"):
+                    p = prof[name][metric]
+                    matmuls = p.get("matmul_time_share")
+                    cells += [f"{p['experts_time_share']:.2f}", "-" if matmuls is None else f"{matmuls:.2f}",
+                              f"{p['experts_used_share']:.2f}"]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += targets_lines(results)
     return "\n".join(lines)
@@ -280,26 +314,37 @@ def targets_lines(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def skipping_bounds(entry: dict[str, Any], metric: str) -> tuple[float, float] | None:
-    """What skipping alone could give at most, from the profile, if the skipped work cost nothing: weights-bound
-    (the experts' time scales with the expert matrices some token still uses) and compute-bound (it scales with
-    the chosen slots still computed). A measured ratio near the first says decode streams weights."""
+def skipping_bounds(entry: dict[str, Any], metric: str) -> dict[str, float] | None:
+    """What skipping alone could give at most, from the profile, if the skipped work cost nothing: ``weights``
+    (the experts' time scales with the expert matrices some token still uses), ``compute`` (it scales with the
+    chosen slots still computed) and, where the profile timed the grouped matmuls, ``matmuls`` (only the matmuls'
+    time scales with the matrices used; routing, sorting and activations stay). With ``overhead``: the experts'
+    work outside the matmuls that skipping added, as a share of the full model's decode time."""
     prof = entry.get("profile")
     if not prof or metric not in prof.get("full", {}):
         return None
     full, skip = prof["full"][metric], prof["full_skip"][metric]
     share = entry["facts"]["full"]["skipped_share"]
-    weights = 1 / (1 - full["experts_time_share"] * (1 - skip["experts_used_share"] / full["experts_used_share"]))
-    compute = 1 / (1 - full["experts_time_share"] * share)
-    return weights, compute
+    unused = 1 - skip["experts_used_share"] / full["experts_used_share"]
+    bounds = {"weights": 1 / (1 - full["experts_time_share"] * unused),
+              "compute": 1 / (1 - full["experts_time_share"] * share)}
+    if full.get("matmul_time_share") and skip.get("matmul_time_share"):
+        bounds["matmuls"] = 1 / (1 - full["matmul_time_share"] * unused)
+        rest = [(p["experts_time_share"] - p["matmul_time_share"]) * p["total_s"] for p in (full, skip)]
+        bounds["overhead"] = (rest[1] - rest[0]) / full["total_s"]
+    return bounds
 
 
 def bounds_note(entry: dict[str, Any], name: str, metric: str) -> str:
     bounds = skipping_bounds(entry, metric) if name == "full_skip" else None
     if bounds is None:
         return ""
-    return (f" If skipped work cost nothing: {bounds[0]:.2f}x weights-bound, {bounds[1]:.2f}x compute-bound "
-            "(from the profile above).")
+    note = (f" If skipped work cost nothing: {bounds['weights']:.2f}x weights-bound, {bounds['compute']:.2f}x "
+            "compute-bound")
+    if "matmuls" in bounds:
+        note += (f", {bounds['matmuls']:.2f}x if only the grouped matmuls shrink with the matrices used (the experts' "
+                 f"other work added by skipping: {bounds['overhead']:+.1%} of the full model's time)")
+    return note + " (from the profile above)."
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -231,6 +231,14 @@ def test_skipping_bounds_from_the_profile(tmp_path):
     entry = {"facts": {"full": {"skipped_share": 0.25}},
              "profile": {"full": {"decode_1": {"experts_time_share": 1.0, "experts_used_share": 0.5}},
                          "full_skip": {"decode_1": {"experts_time_share": 1.0, "experts_used_share": 0.25}}}}
-    weights, compute = speed.skipping_bounds(entry, "decode_1")
-    assert abs(weights - 2.0) < 1e-9 and abs(compute - 4 / 3) < 1e-9
+    bounds = speed.skipping_bounds(entry, "decode_1")
+    assert abs(bounds["weights"] - 2.0) < 1e-9 and abs(bounds["compute"] - 4 / 3) < 1e-9
+    assert "matmuls" not in bounds  # a profile from before the matmuls were timed
     assert speed.skipping_bounds(entry, "decode_16") is None
+    # with the matmuls timed: only their 60% of the time shrinks with the matrices used, and skipping's own work
+    # outside them (0.25 s against 0.2 s of a 1 s full decode) shows as +5% of the full model's time
+    entry["profile"]["full"]["decode_1"].update(matmul_time_share=0.6, total_s=1.0, experts_time_share=0.8)
+    entry["profile"]["full_skip"]["decode_1"].update(matmul_time_share=0.5, total_s=0.6, experts_time_share=0.5 + 0.25 / 0.6)
+    bounds = speed.skipping_bounds(entry, "decode_1")
+    assert abs(bounds["matmuls"] - 1 / (1 - 0.6 * 0.5)) < 1e-9 and abs(bounds["overhead"] - 0.05) < 1e-9
+    assert "+5.0% of the full model's time" in speed.bounds_note(entry, "full_skip", "decode_1")
