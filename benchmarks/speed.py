@@ -28,6 +28,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ def variants(shape: str, args: argparse.Namespace, dtype: torch.dtype) -> tuple[
     for sparsity in (0.25, 0.5):
         models[f"pruned_{int(sparsity * 100)}"] = prune(copy.deepcopy(full), scores, sparsity, "uniform").model
     for name in ("full", "pruned_25", "pruned_50"):
-        skipping = calibrate_skipping(models[name], batches)
+        skipping = calibrate_skipping(models[name], batches, strength=args.skip_strength)
         shares = list(skipping.skipped_fraction.values())
         facts[name] = {"expert_bytes": size_report(models[name])["expert_bytes"],
                        "skipped_share": sum(shares) / len(shares)}
@@ -254,15 +255,25 @@ def machine(device: torch.device) -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def section_name(results: dict[str, Any]) -> str:
+    """RESULTS.md section of a run: one per device, and one per skipping strength other than the paper's."""
+    strength = results.get("skip_strength", 1.0)
+    return f"speed_{results['device']}" + ("" if strength == 1 else "_strength_" + f"{strength:g}".replace(".", "_"))
+
+
 def report(results: dict[str, Any]) -> str:
     device = results["device"]
-    lines = [f"## Speed at real layer shapes ({device})", "",
+    strength = results.get("skip_strength", 1.0)
+    title = f"## Speed at real layer shapes ({device})" + ("" if strength == 1 else f", skipping strength {strength:g}")
+    lines = [title, "",
              f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
              f"{results['layers']} decoder layers with real layer proportions (see `benchmarks/speed.py`); "
              f"greedy decode of {results['new_tokens']} new tokens at batch 1 and 16, prefill of "
              f"{results['prefill_tokens']} tokens. Each cell: median tokens/s over {results['repeats']} rounds, and "
              "the median ratio to the full model measured in the same round [min-max over rounds]. Skipped share: "
-             "chosen expert slots skipped on the calibration tokens.", ""]
+             "chosen expert slots skipped on the calibration tokens"
+             + ("." if strength == 1 else f", with every skipping threshold x {strength:g} (SkipCalibration's "
+                "strength; its quality cost is in section Skipping strength against quality).") , ""]
     for key, entry in results["runs"].items():
         facts, summary = entry["facts"], entry["summary"]
         lines += [f"### {key}", "", "| variant | expert bytes | skipped share | decode b=1 tok/s | x full | "
@@ -358,6 +369,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-strength", type=float, default=1.0,
+                    help="SkipCalibration's strength: thresholds x this (1: the paper's median rule); a run with "
+                         "another strength writes its own RESULTS.md section")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "speed.json"))
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
@@ -368,14 +382,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
         if args.results:
-            write_section(Path(args.results), f"speed_{results['device']}", report(results))
+            write_section(Path(args.results), section_name(results), report(results))
         return results
+    if not args.skip_strength > 0:
+        ap.error(f"--skip-strength: must be > 0, got {args.skip_strength!r}")
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    results: dict[str, Any] = {"command": "python -m benchmarks.speed " + " ".join(argv or []),
+    shown = argv if argv is not None else sys.argv[1:]
+    results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.speed", *shown]),
+                               "skip_strength": args.skip_strength,
                                "machine": machine(device), "device": device.type, "layers": args.layers,
                                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                                "repeats": args.repeats, "runs": {}}
@@ -392,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del models
             Path(args.out).write_text(json.dumps(results, indent=1))
     if args.results:
-        write_section(Path(args.results), f"speed_{device.type}", report(results))
+        write_section(Path(args.results), section_name(results), report(results))
     print(report(results))
     return results
 

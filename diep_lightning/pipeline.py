@@ -44,7 +44,8 @@ class Pruned:
 def prune(model: nn.Module, scores: Sequence[torch.Tensor] | None, sparsity: float | None = None,
           mode: str = "global", *, plan: PruningPlan | None = None, batches: Sequence[dict[str, Any]] = (),
           merge_temperature: float | None = None, merge_max_tokens: int = 4096, merge_groups: GroupFn | None = None,
-          skip: bool = False, skip_max_tokens: int = 4096, skip_renormalize: bool = False) -> Pruned:
+          skip: bool = False, skip_max_tokens: int = 4096, skip_renormalize: bool = False,
+          skip_strength: float = 1.0) -> Pruned:
     """Prune ``model`` in place: select (or take ``plan``), merge pruned experts into survivors when
     ``merge_temperature`` is given, remove them, and calibrate skipping on the survivors when ``skip``.
 
@@ -53,12 +54,14 @@ def prune(model: nn.Module, scores: Sequence[torch.Tensor] | None, sparsity: flo
         plan = select(model, scores, sparsity, mode)
     if (merge_temperature is not None or skip) and not batches:
         raise ValueError("batches: merging and skipping calibrate on data; pass a few calibration batches")
+    if skip and not (isinstance(skip_strength, (int, float)) and skip_strength > 0):
+        raise ValueError(f"skip_strength: must be a number > 0, got {skip_strength!r}")
     before = size_report(model)
     if merge_temperature is not None:
         plan_merges(model, plan, batches, merge_temperature, merge_max_tokens, merge_groups)
     apply_plan(model, plan)
     skipping = None
     if skip:
-        skipping = calibrate_skipping(model, batches, skip_max_tokens, skip_renormalize)
+        skipping = calibrate_skipping(model, batches, skip_max_tokens, skip_renormalize, skip_strength)
         plan.skipping = skipping.record()
     return Pruned(model=model, plan=plan, before=before, after=size_report(model), skipping=skipping)

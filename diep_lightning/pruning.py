@@ -60,21 +60,24 @@ class SkipRecord:
         gammas: per MoE block index, the (N, N) thresholds over its kept experts (``gammas[b][e0][e]``).
         renormalize: whether surviving weights are rescaled to their original sum when a slot is skipped.
         skipped_fraction: per MoE block index, the share of chosen expert slots skipped on calibration tokens.
+        strength: the factor the calibrated thresholds were multiplied by (already in ``gammas``; kept to say so).
     """
 
     gammas: dict[int, list[list[float]]]
     renormalize: bool = False
     skipped_fraction: dict[int, float] = field(default_factory=dict)
+    strength: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"gammas": {str(k): v for k, v in self.gammas.items()}, "renormalize": self.renormalize,
-                "skipped_fraction": {str(k): v for k, v in self.skipped_fraction.items()}}
+                "skipped_fraction": {str(k): v for k, v in self.skipped_fraction.items()}, "strength": self.strength}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SkipRecord:
         return cls(gammas={_block_key(k): v for k, v in (data.get("gammas") or {}).items()},
                    renormalize=bool(data.get("renormalize", False)),
-                   skipped_fraction={_block_key(k): float(v) for k, v in (data.get("skipped_fraction") or {}).items()})
+                   skipped_fraction={_block_key(k): float(v) for k, v in (data.get("skipped_fraction") or {}).items()},
+                   strength=float(data.get("strength", 1.0)))
 
 
 def _block_key(key: Any) -> int:

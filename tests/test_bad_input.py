@@ -173,6 +173,8 @@ CASES = [
     ("yaml_syntax", None, ["--config={root}/bad.yaml"], "config: {root}/bad.yaml line 3 column 1 is not valid YAML"),
     ("model_path_without_dot", "models/nope", [], "model_name_or_path: 'models/nope' does not exist"),
     ("skipping_top1", "top1", ["--trainer.callbacks+=SkipCalibration"], "SkipCalibration: skipping needs top-k >= 2"),
+    ("skipping_strength_zero", None, ["--trainer.callbacks+=SkipCalibration", "--trainer.callbacks.strength=0"],
+     "strength: must be a number > 0"),
     ("merging_nothing_pruned", None, ["--trainer.callbacks+=ExpertMerging"], "ExpertMerging: nothing is pruned"),
     ("naee_global_mode", None, ["--model=BaselineModule", "--model.method=naee", "--model.naee_keep=4", *PRUNE],
      "mode: NAEE"),

@@ -161,6 +161,16 @@ def test_speed_benchmark_smoke(tmp_path):
         assert all(0.0 <= f["skipped_share"] < 1.0 for f in facts.values())
     text = results_md.read_text()
     assert "<!-- speed_cpu:begin -->" in text and "| pruned_50_skip |" in text
+    # a stronger skipping writes its own section, beside the paper's, and skips more of the same model
+    stronger = speed.main(["--shapes", "mixtral", "--dtypes", "float32", "--layers", "1", "--hidden", "64",
+                           "--vocab", "64", "--repeats", "1", "--new-tokens", "2", "--prefill-tokens", "16",
+                           "--threads", "1", "--skip-strength", "3", "--out", str(tmp_path / "speed3.json"),
+                           "--results", str(results_md)])
+    shares = [r["runs"]["mixtral float32"]["facts"]["full"]["skipped_share"] for r in (results, stronger)]
+    assert shares[1] > shares[0]
+    text = results_md.read_text()
+    assert "<!-- speed_cpu:begin -->" in text and "<!-- speed_cpu_strength_3:begin -->" in text
+    assert "skipping strength 3" in text
 
 
 def test_search_cost_benchmark_smoke(tmp_path):

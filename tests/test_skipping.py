@@ -13,7 +13,7 @@ from diep_lightning import load_pruned
 from diep_lightning.callbacks import GlobalExpertPruning, SkipCalibration
 from diep_lightning.families import get_family
 from diep_lightning.main import main
-from diep_lightning.skipping import install_skipping
+from diep_lightning.skipping import calibrate_skipping, install_skipping
 from diep_lightning.testing import TINY_CONFIGS, tiny_model
 
 TOKENS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -167,3 +167,20 @@ def test_remote_code_loading_reinstalls_the_recorded_skipping(tmp_path):
     assert hasattr(remote, "diep_skipping")
     torch.testing.assert_close(_logits(remote, tokens), _logits(load_pruned(export), tokens), atol=1e-6, rtol=0)
     assert not torch.equal(_logits(remote, tokens), _logits(load_pruned(export, skipping=False), tokens))
+
+
+def test_strength_scales_the_thresholds_and_skips_more():
+    batches = [{"input_ids": torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(5))}]
+    shares = {}
+    for strength in (1.0, 2.5):
+        model = tiny_model("qwen3_moe")
+        skipping = calibrate_skipping(model, batches, strength=strength)
+        shares[strength] = sum(skipping.skipped_fraction.values()) / len(skipping.skipped_fraction)
+        if strength == 1.0:
+            base = skipping.gammas
+        else:
+            for i, gamma in skipping.gammas.items():
+                torch.testing.assert_close(gamma, strength * base[i])
+            assert skipping.record().to_dict()["strength"] == strength
+    assert shares[2.5] > shares[1.0] > 0
+
