@@ -99,10 +99,10 @@ def variants(shape: str, args: argparse.Namespace, dtype: torch.dtype) -> tuple[
     for sparsity in (0.25, 0.5):
         models[f"pruned_{int(sparsity * 100)}"] = prune(copy.deepcopy(full), scores, sparsity, "uniform").model
     for name in ("full", "pruned_25", "pruned_50"):
-        skipping = calibrate_skipping(models[name], batches, strength=args.skip_strength)
+        skipping = calibrate_skipping(models[name], batches, strength=args.skip_strength, share=args.skip_share)
         shares = list(skipping.skipped_fraction.values())
         facts[name] = {"expert_bytes": size_report(models[name])["expert_bytes"],
-                       "skipped_share": sum(shares) / len(shares)}
+                       "skipped_share": sum(shares) / len(shares), "skip_strength": skipping.strength}
     return models, facts
 
 
@@ -255,16 +255,25 @@ def machine(device: torch.device) -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def _setting(results: dict[str, Any]) -> tuple[str, str]:
+    """(section suffix, title words) of a run's skipping setting; empty for the paper's (strength 1)."""
+    share, strength = results.get("skip_share"), results.get("skip_strength", 1.0)
+    if share is not None:
+        return "_share_" + f"{share:g}".replace(".", "_"), f", skipping {share:g} of the slots"
+    if strength != 1:
+        return "_strength_" + f"{strength:g}".replace(".", "_"), f", skipping strength {strength:g}"
+    return "", ""
+
+
 def section_name(results: dict[str, Any]) -> str:
-    """RESULTS.md section of a run: one per device, and one per skipping strength other than the paper's."""
-    strength = results.get("skip_strength", 1.0)
-    return f"speed_{results['device']}" + ("" if strength == 1 else "_strength_" + f"{strength:g}".replace(".", "_"))
+    """RESULTS.md section of a run: one per device, and one per skipping setting other than the paper's."""
+    return f"speed_{results['device']}" + _setting(results)[0]
 
 
 def report(results: dict[str, Any]) -> str:
     device = results["device"]
-    strength = results.get("skip_strength", 1.0)
-    title = f"## Speed at real layer shapes ({device})" + ("" if strength == 1 else f", skipping strength {strength:g}")
+    share, strength = results.get("skip_share"), results.get("skip_strength", 1.0)
+    title = f"## Speed at real layer shapes ({device})" + _setting(results)[1]
     lines = [title, "",
              f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
              f"{results['layers']} decoder layers with real layer proportions (see `benchmarks/speed.py`); "
@@ -272,20 +281,25 @@ def report(results: dict[str, Any]) -> str:
              f"{results['prefill_tokens']} tokens. Each cell: median tokens/s over {results['repeats']} rounds, and "
              "the median ratio to the full model measured in the same round [min-max over rounds]. Skipped share: "
              "chosen expert slots skipped on the calibration tokens"
-             + ("." if strength == 1 else f", with every skipping threshold x {strength:g} (SkipCalibration's "
-                "strength; its quality cost is in section Skipping strength against quality).") , ""]
+             + (f", with every skipping threshold scaled so that {share:g} of the slots are skipped on them "
+                "(SkipCalibration's share, with the strength it took; quality at such shares: "
+                "section Skipping strength against quality)." if share is not None
+                else "." if strength == 1 else f", with every skipping threshold x {strength:g} (SkipCalibration's "
+                "strength; its quality cost is in section Skipping strength against quality)."), ""]
     for key, entry in results["runs"].items():
         facts, summary = entry["facts"], entry["summary"]
         lines += [f"### {key}", "", "| variant | expert bytes | skipped share | decode b=1 tok/s | x full | "
                   "decode b=16 tok/s | x full | prefill tok/s | x full |", "|---|---|---|---|---|---|---|---|---|"]
         for name in VARIANTS:
             base = name.removesuffix("_skip")
-            share = f"{facts[base]['skipped_share']:.3f}" if name.endswith("_skip") else "0"
+            skipped = f"{facts[base]['skipped_share']:.3f}" if name.endswith("_skip") else "0"
+            if name.endswith("_skip") and "skip_strength" in facts[base] and facts[base]["skip_strength"] != 1:
+                skipped += f" (strength {facts[base]['skip_strength']:.2f})"
             cells = []
             for metric in ("decode_1", "decode_16", "prefill"):
                 m = summary[name][metric]
                 cells += [f"{m['tps']:.1f}", f"{m['ratio']:.2f} [{m['ratio_min']:.2f}-{m['ratio_max']:.2f}]"]
-            lines.append(f"| {name} | {facts[base]['expert_bytes']:,} | {share} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {facts[base]['expert_bytes']:,} | {skipped} | " + " | ".join(cells) + " |")
         prof = entry.get("profile")
         if prof:
             lines += ["", "Where decode time goes (one untimed run with hooks on the experts modules): share of the time "
@@ -372,6 +386,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-strength", type=float, default=1.0,
                     help="SkipCalibration's strength: thresholds x this (1: the paper's median rule); a run with "
                          "another strength writes its own RESULTS.md section")
+    ap.add_argument("--skip-share", type=float, default=None,
+                    help="instead of --skip-strength: the share of chosen slots to skip on the calibration tokens "
+                         "(a random router's weights differ from a trained one's, so the same strength skips more "
+                         "here); writes its own RESULTS.md section")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "speed.json"))
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
@@ -386,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return results
     if not args.skip_strength > 0:
         ap.error(f"--skip-strength: must be > 0, got {args.skip_strength!r}")
+    if args.skip_share is not None and not 0 < args.skip_share < 1:
+        ap.error(f"--skip-share: must lie in (0, 1), got {args.skip_share!r}")
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
@@ -393,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     shown = argv if argv is not None else sys.argv[1:]
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.speed", *shown]),
-                               "skip_strength": args.skip_strength,
+                               "skip_strength": args.skip_strength, "skip_share": args.skip_share,
                                "machine": machine(device), "device": device.type, "layers": args.layers,
                                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                                "repeats": args.repeats, "runs": {}}

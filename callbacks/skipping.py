@@ -26,16 +26,20 @@ class SkipCalibration(PruningStep):
         num_batches: calibration batches taken from the datamodule.
         strength: multiplies every threshold; 1 is the paper's median rule, above 1 skips more (faster decoding
             at some quality: benchmarks/RESULTS.md measures the trade-off).
+        share: instead of ``strength``, the share of chosen expert slots to skip on the calibration tokens (the
+            strength that reaches it is found and recorded).
     """
 
     def __init__(self, renormalize: bool = False, max_tokens: int = 4096, num_batches: int = 4,
-                 strength: float = 1.0) -> None:
+                 strength: float = 1.0, share: float | None = None) -> None:
         super().__init__()
         if max_tokens <= 0 or num_batches <= 0:
             raise ValueError(f"max_tokens/num_batches: must be > 0, got {max_tokens!r}/{num_batches!r}")
         if not isinstance(strength, (int, float)) or not strength > 0:
             raise ValueError(f"strength: must be a number > 0, got {strength!r}")
-        self.strength = float(strength)
+        if share is not None and not (isinstance(share, (int, float)) and 0 < share < 1):
+            raise ValueError(f"share: must be a number in (0, 1), got {share!r}")
+        self.strength, self.share = float(strength), share
         self.renormalize = bool(renormalize)
         self.max_tokens, self.num_batches = int(max_tokens), int(num_batches)
         self.gammas: dict[int, list[list[float]]] = {}
@@ -61,7 +65,7 @@ class SkipCalibration(PruningStep):
         """Compute and install the thresholds on ``model`` (:func:`diep_lightning.skipping.calibrate_skipping`);
         return the record that goes into the plan and ``pruning.json``."""
         batches = first_batches(trainer.datamodule, self.num_batches)
-        skipping = calibrate_skipping(model, batches, self.max_tokens, self.renormalize, self.strength)
+        skipping = calibrate_skipping(model, batches, self.max_tokens, self.renormalize, self.strength, self.share)
         self.hooks = skipping.hooks
         self.gammas = {i: g.tolist() for i, g in skipping.gammas.items()}
         self.skipped_fraction = skipping.skipped_fraction

@@ -178,26 +178,52 @@ class Skipping:
 
 @torch.no_grad()
 def calibrate_skipping(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_tokens: int = 4096,
-                       renormalize: bool = False, strength: float = 1.0) -> Skipping:
+                       renormalize: bool = False, strength: float = 1.0, share: float | None = None) -> Skipping:
     """Calibrate gammas on ``batches``, install skipping in ``model``, and measure the skipped share on them.
 
     ``strength`` multiplies every threshold: 1 is the paper's median rule; above 1 skips more (faster decoding, a
-    quality trade-off the user measures), below 1 less."""
+    quality trade-off the user measures), below 1 less. ``share`` instead picks the strength (bisection) at which
+    that share of chosen slots is skipped on ``batches``: the same speed/quality point on models whose routers
+    differ."""
     if not strength > 0:
         raise ValueError(f"strength: must be > 0, got {strength!r}")
+    if share is not None and not 0 < share < 1:
+        raise ValueError(f"share: must lie in (0, 1), got {share!r}")
     batches = list(batches)
     family = get_family(model)
     observations = observe_blocks(model, family, batches, max_tokens)
-    gammas = {b.index: strength * calibrate_block(family, b, observations[b.index])["gamma"]
-              for b in family.blocks(model)}
-    hooks = install_skipping(model, gammas, renormalize=renormalize, count=True)
+    base = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(model)}
+
+    def install(factor: float) -> tuple[InstalledSkipping, dict[int, float]]:
+        hooks = install_skipping(model, {i: factor * g for i, g in base.items()}, renormalize=renormalize, count=True)
+        observe_blocks(model, family, batches, None)
+        skipped = {i: s[0] / max(1, s[1]) for i, s in hooks.stats.items()}
+        hooks.counting = False
+        hooks.clear_stats()
+        return hooks, skipped
+
+    if share is not None:
+        low, high = 0.0, 1.0
+        while True:  # grow until the share is reached (every non-top slot skipped is the most there is)
+            hooks, skipped = install(high)
+            hooks.remove()
+            reached = sum(skipped.values()) / len(skipped)
+            if reached >= share:
+                break
+            if high > 1e6:
+                raise ValueError(f"share: {share:g} is more than skipping can skip here (at most {reached:.3f}: "
+                                 "each token's top expert always runs)")
+            low, high = high, high * 2
+        for _ in range(20):
+            mid = (low + high) / 2
+            hooks, skipped = install(mid)
+            hooks.remove()
+            low, high = (low, mid) if sum(skipped.values()) / len(skipped) >= share else (mid, high)
+        strength = high
+    hooks, skipped = install(strength)
     model.diep_skipping = hooks
-    observe_blocks(model, family, batches, None)
-    skipped = {i: s[0] / max(1, s[1]) for i, s in hooks.stats.items()}
-    hooks.counting = False
-    hooks.clear_stats()
-    return Skipping(gammas=gammas, hooks=hooks, skipped_fraction=skipped, renormalize=renormalize,
-                    strength=float(strength))
+    return Skipping(gammas={i: strength * g for i, g in base.items()}, hooks=hooks, skipped_fraction=skipped,
+                    renormalize=renormalize, strength=float(strength))
 
 
 def install_skipping_from_record(model: nn.Module, record: dict[str, Any]) -> Any:

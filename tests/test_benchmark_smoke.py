@@ -171,6 +171,14 @@ def test_speed_benchmark_smoke(tmp_path):
     text = results_md.read_text()
     assert "<!-- speed_cpu:begin -->" in text and "<!-- speed_cpu_strength_3:begin -->" in text
     assert "skipping strength 3" in text
+    # a share instead of a strength: the strength that skips that share of the slots is found per model
+    by_share = speed.main(["--shapes", "mixtral", "--dtypes", "float32", "--layers", "1", "--hidden", "64",
+                           "--vocab", "64", "--repeats", "1", "--new-tokens", "2", "--prefill-tokens", "16",
+                           "--threads", "1", "--skip-share", "0.3", "--out", str(tmp_path / "speed_share.json"),
+                           "--results", str(results_md)])
+    for facts in by_share["runs"]["mixtral float32"]["facts"].values():
+        assert abs(facts["skipped_share"] - 0.3) < 0.02
+    assert "<!-- speed_cpu_share_0_3:begin -->" in results_md.read_text()
 
 
 def test_search_cost_benchmark_smoke(tmp_path):

@@ -184,3 +184,19 @@ def test_strength_scales_the_thresholds_and_skips_more():
             assert skipping.record().to_dict()["strength"] == strength
     assert shares[2.5] > shares[1.0] > 0
 
+
+
+def test_share_finds_the_strength_that_skips_it():
+    batches = [{"input_ids": torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(6))}]
+    model = tiny_model("mixtral")
+    skipping = calibrate_skipping(model, batches, share=0.4)
+    reached = sum(skipping.skipped_fraction.values()) / len(skipping.skipped_fraction)
+    assert abs(reached - 0.4) < 0.03 and skipping.strength > 0
+    # the installed thresholds are the ones recorded, and they skip that share again
+    skipping.hooks.counting = True
+    with torch.no_grad():
+        model(**batches[0])
+    stats = skipping.hooks.stats
+    assert abs(sum(s for s, _ in stats.values()) / sum(t for _, t in stats.values()) - reached) < 1e-6
+    with pytest.raises(ValueError, match="share: 0.6 is more than skipping can skip"):
+        calibrate_skipping(tiny_model("mixtral"), batches, share=0.6)  # top-2: half the slots at most
