@@ -252,7 +252,9 @@ def machine(device: torch.device) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    # the kernels torch picks: bf16 matmuls are fast only with AVX512-BF16/AMX, so bf16 ratios differ between CPUs
+    return (f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads, torch {torch.__version__} "
+            f"(CPU kernels: {torch.backends.cpu.get_cpu_capability()})")
 
 
 def _setting(results: dict[str, Any]) -> tuple[str, str]:
@@ -316,8 +318,24 @@ def report(results: dict[str, Any]) -> str:
                               f"{p['experts_used_share']:.2f}"]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += targets_lines(results)
+    lines += slow_bf16_lines(results) + targets_lines(results)
     return "\n".join(lines)
+
+
+def slow_bf16_lines(results: dict[str, Any]) -> list[str]:
+    """A warning where bf16 prefill ran slower than fp32 on the same shape: the CPU lacks fast bf16 matmul kernels,
+    so its bf16 decode is compute-bound and its bf16 ratios do not carry over to a CPU or GPU that has them."""
+    runs, lines = results["runs"], []
+    for key in runs:
+        shape, dtype = key.split(" ")
+        other = runs.get(f"{shape} float32")
+        if dtype == "bfloat16" and other is not None:
+            bf16, fp32 = (r["summary"]["full"]["prefill"]["tps"] for r in (runs[key], other))
+            if bf16 < fp32:
+                lines.append(f"Note: {shape} bf16 prefill ran at {bf16 / fp32:.2f}x fp32's tokens/s on this machine "
+                             "(no fast bf16 matmul kernels), so its bf16 decode is compute-bound and skipped work "
+                             "pays more than where bf16 is fast.")
+    return lines + [""] if lines else []
 
 
 def targets_lines(results: dict[str, Any]) -> list[str]:

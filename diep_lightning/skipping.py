@@ -214,11 +214,16 @@ def calibrate_skipping(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
                 raise ValueError(f"share: {share:g} is more than skipping can skip here (at most {reached:.3f}: "
                                  "each token's top expert always runs)")
             low, high = high, high * 2
-        for _ in range(20):
+        for _ in range(20):  # each step is a forward over the batches: stop within 0.002 of the share
+            if reached - share < 0.002:
+                break
             mid = (low + high) / 2
             hooks, skipped = install(mid)
             hooks.remove()
-            low, high = (low, mid) if sum(skipped.values()) / len(skipped) >= share else (mid, high)
+            if sum(skipped.values()) / len(skipped) >= share:
+                high, reached = mid, sum(skipped.values()) / len(skipped)
+            else:
+                low = mid
         strength = high
     hooks, skipped = install(strength)
     model.diep_skipping = hooks

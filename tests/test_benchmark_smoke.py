@@ -260,3 +260,15 @@ def test_skipping_bounds_from_the_profile(tmp_path):
     bounds = speed.skipping_bounds(entry, "decode_1")
     assert abs(bounds["matmuls"] - 1 / (1 - 0.6 * 0.5)) < 1e-9 and abs(bounds["overhead"] - 0.05) < 1e-9
     assert "+5.0% of the full model's time" in speed.bounds_note(entry, "full_skip", "decode_1")
+
+
+def test_slow_bf16_is_flagged_only_where_bf16_prefill_is_slower():
+    from benchmarks import speed
+
+    def run(prefill):
+        return {"summary": {"full": {"prefill": {"tps": prefill}}}}
+
+    slow = {"runs": {"mixtral float32": run(500.0), "mixtral bfloat16": run(100.0)}}
+    assert "0.20x fp32" in " ".join(speed.slow_bf16_lines(slow))
+    fast = {"runs": {"mixtral float32": run(500.0), "mixtral bfloat16": run(2500.0)}}
+    assert speed.slow_bf16_lines(fast) == []
