@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model = pending.pop(0)
                 out = Path(tmp) / f"{Path(model).name}.json"
                 running.append((model, subprocess.Popen([sys.executable, "-m", "benchmarks.skip_strength", *passed,
-                                                         "--models", model, "--child", str(out)]), out))
+                                                         "--models", model, "--child", str(out)], cwd=REPO), out))
             model, proc, out = running.pop(0)
             if proc.wait() != 0:
                 raise SystemExit(f"benchmarks.skip_strength: {model} failed (exit {proc.returncode})")

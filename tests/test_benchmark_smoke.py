@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 
 from benchmarks import run as bench
 
@@ -272,3 +273,21 @@ def test_slow_bf16_is_flagged_only_where_bf16_prefill_is_slower():
     assert "0.20x fp32" in " ".join(speed.slow_bf16_lines(slow))
     fast = {"runs": {"mixtral float32": run(500.0), "mixtral bfloat16": run(2500.0)}}
     assert speed.slow_bf16_lines(fast) == []
+
+
+def test_skip_strength_benchmark_smoke(tmp_path):
+    """The quality-against-strength benchmark on a shipped model, with the DiEP scores the committed run saved:
+    a stronger skipping skips more, and the section says where the BLiMP target stands."""
+    from benchmarks import skip_strength
+
+    results_md = tmp_path / "RESULTS.md"
+    results = skip_strength.main(["--models", str(REPO / "models" / "tiny-mixtral"), "--sparsities", "0.5",
+                                  "--strengths", "1,2", "--blimp-limit", "1", "--wikitext-limit", "1",
+                                  "--num-samples", "8", "--seq-len", "64", "--batch-size", "4", "--jobs", "1",
+                                  "--out", str(tmp_path / "s.json"), "--results", str(results_md)])
+    strengths = results["models"]["tiny-mixtral"]["0.5"]["strengths"]
+    assert 0 < strengths["1.0"]["skipped_share"] < strengths["2.0"]["skipped_share"] <= 0.5
+    text = results_md.read_text()
+    assert "<!-- skip_strength:begin -->" in text and "- strength 2: BLiMP lost at most" in text
+    with pytest.raises(SystemExit):
+        skip_strength.main(["--strengths", "1,-2"])
