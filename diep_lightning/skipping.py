@@ -194,20 +194,20 @@ def calibrate_skipping(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     observations = observe_blocks(model, family, batches, max_tokens)
     base = {b.index: calibrate_block(family, b, observations[b.index])["gamma"] for b in family.blocks(model)}
 
-    def install(factor: float) -> tuple[InstalledSkipping, dict[int, float]]:
+    def install(factor: float) -> tuple[InstalledSkipping, dict[int, float], float]:
+        """Skipping at ``factor`` x the calibrated thresholds, and the share it skips on ``batches`` (per block, mean)."""
         hooks = install_skipping(model, {i: factor * g for i, g in base.items()}, renormalize=renormalize, count=True)
         observe_blocks(model, family, batches, None)
         skipped = {i: s[0] / max(1, s[1]) for i, s in hooks.stats.items()}
         hooks.counting = False
         hooks.clear_stats()
-        return hooks, skipped
+        return hooks, skipped, sum(skipped.values()) / max(1, len(skipped))
 
     if share is not None:
         low, high = 0.0, 1.0
         while True:  # grow until the share is reached (every non-top slot skipped is the most there is)
-            hooks, skipped = install(high)
+            hooks, _, reached = install(high)
             hooks.remove()
-            reached = sum(skipped.values()) / len(skipped)
             if reached >= share:
                 break
             if high > 1e6:
@@ -218,14 +218,14 @@ def calibrate_skipping(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
             if reached - share < 0.002:
                 break
             mid = (low + high) / 2
-            hooks, skipped = install(mid)
+            hooks, _, got = install(mid)
             hooks.remove()
-            if sum(skipped.values()) / len(skipped) >= share:
-                high, reached = mid, sum(skipped.values()) / len(skipped)
+            if got >= share:
+                high, reached = mid, got
             else:
                 low = mid
         strength = high
-    hooks, skipped = install(strength)
+    hooks, skipped, _ = install(strength)
     model.diep_skipping = hooks
     return Skipping(gammas={i: strength * g for i, g in base.items()}, hooks=hooks, skipped_fraction=skipped,
                     renormalize=renormalize, strength=float(strength))
