@@ -2,6 +2,7 @@
 
     python -m benchmarks.search_cost                      # four Mixtral-shaped sizes: RESULTS.md section "search_cost"
     python -m benchmarks.search_cost --sizes 128x2,256x2  # a quick look
+    python -m benchmarks.search_cost --device cuda --sizes 256x4,1024x4,2048x4   # on a GPU: section "search_cost_cuda"
 
 For each size (``<hidden>x<decoder layers>``, Mixtral proportions: expert intermediate 3.5 x hidden, 8 experts,
 top-2; random weights, which do not change the cost) it runs, each in a fresh process so that peak memory is its
@@ -12,7 +13,7 @@ own, on the same random token batches for the same epochs:
 - ``diep``: the DiEP search through Lightning (teacher pass, student pass with alpha/beta, backward, alternating
   optimizers; the teacher cache on, as by default).
 
-It reports wall time, peak resident memory, the teacher cache's size, fits ``cost = a * params^b`` over the sizes,
+It reports wall time, peak memory (resident on CPU; the CUDA allocator's peak on a GPU), the teacher cache's size, fits ``cost = a * params^b`` over the sizes,
 and projects the search's time and memory to Mixtral-8x7B and Qwen3-30B-A3B (see :func:`projection`).
 """
 
@@ -74,12 +75,13 @@ class _Batches(torch.utils.data.Dataset):
         return self.batches[i]
 
 
-def floor(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int) -> dict[str, float]:
+def floor(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int, device: torch.device) -> dict[str, float]:
     from diep_lightning.loading import load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir).to(device)
     model.requires_grad_(False)
-    scale = torch.nn.Parameter(torch.ones(()))
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    scale = torch.nn.Parameter(torch.ones((), device=device))
     optimizer = torch.optim.Adam([scale], lr=5e-3)
     handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out * scale)
     for _ in range(epochs):
@@ -91,7 +93,7 @@ def floor(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int) -
     return {}
 
 
-def diep(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int) -> dict[str, float]:
+def diep(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int, device: torch.device) -> dict[str, float]:
     import lightning.pytorch as pl
 
     from diep_lightning.methods import DiEPModule
@@ -100,7 +102,7 @@ def diep(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int) ->
     quiet()
     module = DiEPModule(model_dir)
     loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, shuffle=False)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=loader)
     cache = sum(t.numel() * t.element_size() for row in module._teacher_cache.values() for t in row.values())
@@ -116,30 +118,39 @@ def child(kind: str, model_dir: str, args: argparse.Namespace) -> dict[str, floa
     from benchmarks.run import peak_rss_mb
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     batches = random_batches(vocab, args.samples, args.seq_len, args.batch_size)
     start = time.perf_counter()
-    extra = (floor if kind == "floor" else diep)(model_dir, batches, args.epochs)
+    extra = (floor if kind == "floor" else diep)(model_dir, batches, args.epochs, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        extra["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return {"wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), **extra}
 
 
 def run_child(kind: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, "-m", "benchmarks.search_cost", "--child", kind, "--model-dir", model_dir,
            "--epochs", str(args.epochs), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-           "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if out.returncode != 0:
         raise RuntimeError(f"{kind} on {model_dir} failed: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def summarise(row: dict[str, Any]) -> dict[str, Any]:
+def memory_key(results: dict[str, Any]) -> str:
+    """The peak memory a run is judged on: the GPU's where it ran on one (what limits a user there), else resident."""
+    return "peak_cuda_mb" if results.get("device") == "cuda" else "peak_rss_mb"
+
+
+def summarise(row: dict[str, Any], memory: str = "peak_rss_mb") -> dict[str, Any]:
     """Medians over the rounds for each kind, and the search/floor ratios taken within each round (median, min,
     max), so that a slow moment of the machine shows as spread instead of as a ratio."""
     runs = row["runs"]
     for kind, measured in runs.items():
         row[kind] = {key: statistics.median(r[key] for r in measured) for key in measured[0]}
-    for key, name in (("wall_s", "wall_ratio"), ("peak_rss_mb", "memory_ratio")):
+    for key, name in (("wall_s", "wall_ratio"), (memory, "memory_ratio")):
         ratios = [d[key] / f[key] for f, d in zip(runs["floor"], runs["diep"])]
         row[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     return row
@@ -151,6 +162,16 @@ def fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
     b = sum((x - mx) * (y - my) for x, y in zip(lx, ly)) / sum((x - mx) ** 2 for x in lx)
     return math.exp(my - b * mx), b
+
+
+def growth(results: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """``cost = a * params^b`` fitted over the sizes for the floor's and the search's time and the search's memory."""
+    rows, params = results["rows"], [r["params"] for r in results["rows"]]
+    if len(rows) < 2:
+        return {}
+    return {"floor_time": fit_power(params, [r["floor"]["wall_s"] for r in rows]),
+            "diep_time": fit_power(params, [r["diep"]["wall_s"] for r in rows]),
+            "diep_memory": fit_power(params, [r["diep"][memory_key(results)] for r in rows])}
 
 
 #: assumptions of the projection's host-to-device copy estimate: pageable host memory to one accelerator, and the
@@ -195,19 +216,26 @@ def projection(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str
     return out
 
 
+def section_name(results: dict[str, Any]) -> str:
+    return "search_cost" + ("_cuda" if results.get("device") == "cuda" else "")
+
+
 def report(results: dict[str, Any]) -> str:
-    lines = ["## Search cost against model size", "",
+    memory = memory_key(results)
+    where = ((" (cuda)", "; peak memory is the CUDA allocator's peak (fp32 weights)") if memory == "peak_cuda_mb"
+             else ("", ""))
+    lines = [f"## Search cost against model size{where[0]}", "",
              f"Measured by: `{results['command']}` on {results['machine']}. Mixtral-shaped random models; "
              f"{results['samples']} sequences of {results['seq_len']} tokens, batch {results['batch_size']}, "
              f"{results['epochs']} epochs; each run in its own process, {results['repeats']} round(s) of floor and search "
-             "(alternating which goes first): medians, and the ratio's median [min-max] over the rounds.", "",
+             f"(alternating which goes first): medians, and the ratio's median [min-max] over the rounds{where[1]}.", "",
              "| size (hidden x layers) | parameters | floor s | DiEP s | x floor | floor peak MB | DiEP peak MB | "
              "x floor | teacher cache MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         f, d, w, m = r["floor"], r["diep"], r["wall_ratio"], r["memory_ratio"]
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {f['wall_s']:.1f} | {d['wall_s']:.1f} | "
-                     f"{w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}] | {f['peak_rss_mb']:.0f} | "
-                     f"{d['peak_rss_mb']:.0f} | {m['median']:.2f} [{m['min']:.2f}-{m['max']:.2f}] | "
+                     f"{w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}] | {f[memory]:.0f} | "
+                     f"{d[memory]:.0f} | {m['median']:.2f} [{m['min']:.2f}-{m['max']:.2f}] | "
                      f"{d['teacher_cache_mb']:.1f} |")
     targets = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())
     for key, ratio, what in (("search_wall_ratio_max", "wall_ratio", "wall time"),
@@ -216,9 +244,11 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"\nTarget: the search within {targets[key]:g}x the floor's {what} at every size: "
                      + (f"missed at {', '.join(missed)}." if missed else "met."))
     fit = results["fit"]
-    lines += ["", f"Fitted growth over {results['rows'][0]['params'] / 1e6:.1f}M-{results['rows'][-1]['params'] / 1e6:.0f}M "
-              f"parameters: floor time ~ params^{fit['floor_time'][1]:.2f}, DiEP time ~ params^{fit['diep_time'][1]:.2f}, "
-              f"DiEP peak memory ~ params^{fit['diep_memory'][1]:.2f}.", "",
+    if fit:
+        lines += ["", f"Fitted growth over {results['rows'][0]['params'] / 1e6:.1f}M-{results['rows'][-1]['params'] / 1e6:.0f}M "
+                  f"parameters: floor time ~ params^{fit['floor_time'][1]:.2f}, DiEP time ~ params^{fit['diep_time'][1]:.2f}, "
+                  f"DiEP peak memory ~ params^{fit['diep_memory'][1]:.2f}."]
+    lines += ["",
               "Projected on paper with the shipped configs (see `projection` in `benchmarks/search_cost.py`; 128 x 2048 "
               "calibration tokens, 10 epochs, bf16; search / floor is the ratio measured above at the largest size plus the "
               f"per-step copy of a host-memory cache to the accelerator at {HOST_TO_DEVICE_GBPS:g} GB/s against the "
@@ -242,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3, help="rounds of floor and search per size")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "search_cost.json"))
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
@@ -257,10 +288,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for row in results["rows"]:
             if "runs" not in row:  # a run of one round per size
                 row["runs"] = {"floor": [row["floor"]], "diep": [row["diep"]]}
-            summarise(row)
+            summarise(row, memory_key(results))
+        results["fit"] = growth(results)  # a run cut short leaves its rows only
         results["projection"] = projection(results["rows"], args)
         if args.results:
-            write_section(Path(args.results), "search_cost", report(results))
+            write_section(Path(args.results), section_name(results), report(results))
         return results
     if args.child:
         print(json.dumps(child(args.child, args.model_dir, args)))
@@ -269,7 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.search_cost",
                                                            *(argv if argv is not None else sys.argv[1:])]),
-                               "machine": machine(torch.device("cpu")), "samples": args.samples,
+                               "machine": machine(torch.device(args.device)), "device": args.device,
+                               "samples": args.samples,
                                "seq_len": args.seq_len, "batch_size": args.batch_size, "epochs": args.epochs,
                                "repeats": args.repeats,
                                "rows": []}
@@ -289,15 +322,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for kind in ("floor", "diep") if round_ % 2 == 0 else ("diep", "floor"):
                     row["runs"][kind].append(run_child(kind, model_dir, args))
                     print(f"   {size} ({params / 1e6:.1f}M) round {round_} {kind}: {row['runs'][kind][-1]}", flush=True)
-            results["rows"].append(summarise(row))
-    params = [r["params"] for r in results["rows"]]
-    results["fit"] = {"floor_time": fit_power(params, [r["floor"]["wall_s"] for r in results["rows"]]),
-                      "diep_time": fit_power(params, [r["diep"]["wall_s"] for r in results["rows"]]),
-                      "diep_memory": fit_power(params, [r["diep"]["peak_rss_mb"] for r in results["rows"]])}
+            results["rows"].append(summarise(row, memory_key(results)))
+            Path(args.out).write_text(json.dumps(results, indent=1))  # each size as it finishes
+    results["fit"] = growth(results)
     results["projection"] = projection(results["rows"], args)
     Path(args.out).write_text(json.dumps(results, indent=1))
     if args.results:
-        write_section(Path(args.results), "search_cost", report(results))
+        write_section(Path(args.results), section_name(results), report(results))
     print(report(results))
     return results
 

@@ -51,6 +51,8 @@ class _SkipState:
     device-side counters that are only updated while statistics are asked for."""
 
     def __init__(self, group: InstalledSkipping, gamma: torch.Tensor, renormalize: bool, sentinel: bool) -> None:
+        # a zero diagonal keeps each token's top slot (w_e0 < 0 * w_e0 never holds) without a scatter per call
+        gamma = gamma.clone().fill_diagonal_(0.0)
         self.group, self.gamma, self.renormalize, self.sentinel = group, gamma, renormalize, sentinel
         self.cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.skipped: torch.Tensor | int = 0
@@ -64,10 +66,11 @@ class _SkipState:
 
 
 def skip_mask(state: _SkipState, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(tokens, k) True where a chosen slot is skipped: ``w_e < gamma[e0, e] * w_e0``, never the top slot e0."""
-    top = w.argmax(dim=-1, keepdim=True)
-    skip = w < state.thresholds(w)[idx.gather(-1, top).expand_as(idx), idx] * w.gather(-1, top)
-    return skip.scatter_(-1, top, False)
+    """(tokens, k) True where a chosen slot is skipped: ``w_e < gamma[e0, e] * w_e0``, never the top slot e0 (the
+    thresholds' diagonal is 0; chosen experts are distinct). Five small operations, each a kernel launch per layer and
+    decode step."""
+    w_top, top = w.max(dim=-1, keepdim=True)
+    return w < state.thresholds(w)[idx.gather(-1, top), idx] * w_top
 
 
 def _skipping_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -146,7 +149,9 @@ def install_skipping(model: nn.Module, gammas: dict[int, torch.Tensor], renormal
         module = block.experts
         if hasattr(module, "diep_skip"):
             raise ValueError(f"gammas: MoE block {block.index} already has skipping installed; remove it first")
-        module.diep_skip = _SkipState(group, torch.as_tensor(gammas[block.index]), renormalize, sentinel)
+        weight = next(module.parameters(), None)  # thresholds on the experts' device: no copy from the host per call
+        gamma = torch.as_tensor(gammas[block.index]).to(weight.device if weight is not None else "cpu")
+        module.diep_skip = _SkipState(group, gamma, renormalize, sentinel)
         module.forward = types.MethodType(_skipping_forward, module)
         group.modules[block.index] = module
     return group
