@@ -84,13 +84,21 @@ def floor(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int, d
     scale = torch.nn.Parameter(torch.ones((), device=device))
     optimizer = torch.optim.Adam([scale], lr=5e-3)
     handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out * scale)
+    _sync(device)
+    start = time.perf_counter()
     for _ in range(epochs):
         for batch in batches:
             optimizer.zero_grad()
             model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss.backward()
             optimizer.step()
+    _sync(device)
     handle.remove()
-    return {}
+    return {"loop_s": time.perf_counter() - start}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def diep(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int, device: torch.device) -> dict[str, float]:
@@ -99,14 +107,28 @@ def diep(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int, de
     from diep_lightning.methods import DiEPModule
     from diep_lightning.summary import quiet
 
+    class LoopTime(pl.Callback):
+        """The training loop's time alone: from the first epoch's start to the last one's end (no set-up)."""
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            if trainer.current_epoch == 0:
+                _sync(device)
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            _sync(device)
+            self.seconds = time.perf_counter() - self.start
+
     quiet()
     module = DiEPModule(model_dir)
     loader = torch.utils.data.DataLoader(_Batches(batches), batch_size=None, shuffle=False)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    loop = LoopTime()
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[loop])
     trainer.fit(module, train_dataloaders=loader)
     cache = sum(t.numel() * t.element_size() for row in module._teacher_cache.values() for t in row.values())
-    return {"teacher_cache_mb": cache / 2**20}
+    return {"teacher_cache_mb": cache / 2**20, "loop_s": loop.seconds}
 
 
 def child(kind: str, model_dir: str, args: argparse.Namespace) -> dict[str, float]:
@@ -150,7 +172,9 @@ def summarise(row: dict[str, Any], memory: str = "peak_rss_mb") -> dict[str, Any
     runs = row["runs"]
     for kind, measured in runs.items():
         row[kind] = {key: statistics.median(r[key] for r in measured) for key in measured[0]}
-    for key, name in (("wall_s", "wall_ratio"), (memory, "memory_ratio")):
+    for key, name in (("wall_s", "wall_ratio"), (memory, "memory_ratio"), ("loop_s", "loop_ratio")):
+        if any(key not in r for r in runs["floor"] + runs["diep"]):  # runs saved before loop times were kept
+            continue
         ratios = [d[key] / f[key] for f, d in zip(runs["floor"], runs["diep"])]
         row[name] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
     return row
@@ -222,19 +246,24 @@ def section_name(results: dict[str, Any]) -> str:
 
 def report(results: dict[str, Any]) -> str:
     memory = memory_key(results)
+    loops = all("loop_ratio" in r for r in results["rows"])
     where = ((" (cuda)", "; peak memory is the CUDA allocator's peak (fp32 weights)") if memory == "peak_cuda_mb"
              else ("", ""))
     lines = [f"## Search cost against model size{where[0]}", "",
              f"Measured by: `{results['command']}` on {results['machine']}. Mixtral-shaped random models; "
              f"{results['samples']} sequences of {results['seq_len']} tokens, batch {results['batch_size']}, "
              f"{results['epochs']} epochs; each run in its own process, {results['repeats']} round(s) of floor and search "
-             f"(alternating which goes first): medians, and the ratio's median [min-max] over the rounds{where[1]}.", "",
-             "| size (hidden x layers) | parameters | floor s | DiEP s | x floor | floor peak MB | DiEP peak MB | "
-             "x floor | teacher cache MB |", "|---|---|---|---|---|---|---|---|---|"]
+             f"(alternating which goes first): medians, and the ratio's median [min-max] over the rounds{where[1]}."
+             + (" Loop x floor: the same ratio for the training loops alone (first epoch's start to the end), without "
+                "process start-up, model loading and Lightning's set-up." if loops else ""), "",
+             "| size (hidden x layers) | parameters | floor s | DiEP s | x floor | " + ("loop x floor | " if loops else "")
+             + "floor peak MB | DiEP peak MB | x floor | teacher cache MB |", "|---|---|---|---|---|---|---|---|---|"
+             + ("---|" if loops else "")]
     for r in results["rows"]:
         f, d, w, m = r["floor"], r["diep"], r["wall_ratio"], r["memory_ratio"]
+        loop = f"{r['loop_ratio']['median']:.2f} [{r['loop_ratio']['min']:.2f}-{r['loop_ratio']['max']:.2f}] | " if loops else ""
         lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {f['wall_s']:.1f} | {d['wall_s']:.1f} | "
-                     f"{w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}] | {f[memory]:.0f} | "
+                     f"{w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}] | {loop}{f[memory]:.0f} | "
                      f"{d[memory]:.0f} | {m['median']:.2f} [{m['min']:.2f}-{m['max']:.2f}] | "
                      f"{d['teacher_cache_mb']:.1f} |")
     targets = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())

@@ -196,6 +196,10 @@ def test_search_cost_benchmark_smoke(tmp_path):
         assert row["diep"]["teacher_cache_mb"] > 0  # the cache filled in the first epoch
         assert len(row["runs"]["floor"]) == len(row["runs"]["diep"]) == 2
         assert row["wall_ratio"]["min"] <= row["wall_ratio"]["median"] <= row["wall_ratio"]["max"]
+        for kind in ("floor", "diep"):  # the training loop is timed apart from start-up and set-up
+            assert all(0 < r["loop_s"] < r["wall_s"] for r in row["runs"][kind])
+        assert row["loop_ratio"]["min"] <= row["loop_ratio"]["median"] <= row["loop_ratio"]["max"]
+    assert "loop x floor" in results_md.read_text()
     assert set(results["projection"]) == {"Mixtral-8x7B", "Qwen3-30B-A3B"}
     for p in results["projection"].values():  # the shipped configs keep the teacher cache, in host memory
         assert p["cache_used"] and p["cache_device"] == "cpu" and p["teacher_cache_gb"] <= p["cache_limit_gb"]
