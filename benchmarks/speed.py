@@ -3,6 +3,7 @@
     python -m benchmarks.speed                       # CPU, both shapes, fp32 and bf16: RESULTS.md section "speed"
     python -m benchmarks.speed --device cuda         # the same on a GPU
     python -m benchmarks.speed --shapes mixtral --dtypes float32 --repeats 2 --new-tokens 8   # a quick look
+    python -m benchmarks.speed --shapes mixtral --dtypes float32 --skip-shares 0.25,0.34,0.4  # settings side by side
 
 The shipped tiny models are overhead-bound (hidden 192: per-layer Python work dominates), so their timings say
 nothing about what skipping or pruning saves. Here the MoE layers have real proportions, built from configs with
@@ -87,16 +88,33 @@ def frequency_scores(model: Any, batches: list[dict[str, torch.Tensor]]) -> list
     return scorer.scores(family, blocks)
 
 
+def share_name(share: float) -> str:
+    """The model and variant name of a ``--skip-shares`` setting."""
+    return f"share_{share:g}"
+
+
 def variants(shape: str, args: argparse.Namespace, dtype: torch.dtype,
-             device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The models to time (a skipping variant is its pruned model with skipping switched on) and their facts;
-    pruned and calibrated on ``device``, where they are timed."""
+             device: torch.device) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The models to time (a skipping variant is its pruned model with skipping switched on), their facts, and the
+    variants' names in order; pruned and calibrated on ``device``, where they are timed. With ``--skip-shares``:
+    the full model and one copy of it per share, each skipping that share of the slots."""
     from diep_lightning.pipeline import prune
     from diep_lightning.removal import size_report
     from diep_lightning.skipping import calibrate_skipping
 
     full = build(shape, args.layers, args.vocab, dtype, hidden=args.hidden).to(device)
     batches = calibration(args.vocab)
+    if args.skip_shares:
+        models = {"full": full}
+        facts = {"full": {"expert_bytes": size_report(full)["expert_bytes"], "skipped_share": 0.0}}
+        for share in args.skip_shares:
+            name = share_name(share)
+            models[name] = copy.deepcopy(full)
+            skipping = calibrate_skipping(models[name], batches, share=share)
+            shares = list(skipping.skipped_fraction.values())
+            facts[name] = {"expert_bytes": facts["full"]["expert_bytes"], "skipped_share": sum(shares) / len(shares),
+                           "skip_strength": skipping.strength}
+        return models, facts, ["full"] + [f"{share_name(s)}_skip" for s in args.skip_shares]
     scores = frequency_scores(full, batches)
     models, facts = {"full": full}, {}
     for sparsity in (0.25, 0.5):
@@ -106,12 +124,14 @@ def variants(shape: str, args: argparse.Namespace, dtype: torch.dtype,
         shares = list(skipping.skipped_fraction.values())
         facts[name] = {"expert_bytes": size_report(models[name])["expert_bytes"],
                        "skipped_share": sum(shares) / len(shares), "skip_strength": skipping.strength}
-    return models, facts
+    return models, facts, list(VARIANTS)
 
 
 def _skipping(model: Any, variant: str) -> Any:
     """Skipping on for a ``*_skip`` variant, off otherwise (the same model object serves both)."""
-    return contextlib.nullcontext() if variant.endswith("_skip") else model.diep_skipping.disabled()
+    if variant.endswith("_skip") or not hasattr(model, "diep_skipping"):
+        return contextlib.nullcontext()
+    return model.diep_skipping.disabled()
 
 
 def _sync(device: torch.device) -> None:
@@ -143,7 +163,8 @@ def prefill_tps(model: Any, tokens: int, device: torch.device) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def measure(models: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list[float]]]:
+def measure(models: dict[str, Any], names: list[str], args: argparse.Namespace,
+            device: torch.device) -> dict[str, dict[str, list[float]]]:
     """Every variant once per round, in turn: ``{variant: {metric: [per-round value]}}``."""
     def run(name: str, metric: str) -> float:
         model = models[name.removesuffix("_skip")]
@@ -154,22 +175,23 @@ def measure(models: dict[str, Any], args: argparse.Namespace, device: torch.devi
 
     metrics = ["decode_1", "decode_16", "prefill"]
     for metric in metrics:  # warm-up: first calls at each shape allocate and pick kernels
-        for name in VARIANTS:
+        for name in names:
             run(name, metric)
-    times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in VARIANTS}
+    times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in names}
     for round_ in range(args.repeats):
         for metric in metrics:
-            for name in VARIANTS:
+            for name in names:
                 times[name][metric].append(run(name, metric))
         print(f"   round {round_ + 1}/{args.repeats}: " + ", ".join(
-            f"{n} {times[n]['decode_1'][-1]:.1f}/{times[n]['decode_16'][-1]:.1f}" for n in VARIANTS), flush=True)
+            f"{n} {times[n]['decode_1'][-1]:.1f}/{times[n]['decode_16'][-1]:.1f}" for n in names), flush=True)
     return times
 
 
-def profiles(models: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, Any]]:
+def profiles(models: dict[str, Any], names: list[str], args: argparse.Namespace,
+             device: torch.device) -> dict[str, dict[str, Any]]:
     """:func:`profile` of every variant at batch 1 and 16 (untimed runs, hooks on the experts)."""
     out: dict[str, dict[str, Any]] = {}
-    for name in VARIANTS:
+    for name in names:
         model = models[name.removesuffix("_skip")]
         with _skipping(model, name):
             out[name] = {f"decode_{b}": profile(model, b, args.new_tokens, device) for b in (1, 16)}
@@ -264,6 +286,8 @@ def machine(device: torch.device) -> str:
 def _setting(results: dict[str, Any]) -> tuple[str, str]:
     """(section suffix, title words) of a run's skipping setting; empty for the paper's (strength 1)."""
     share, strength = results.get("skip_share"), results.get("skip_strength", 1.0)
+    if results.get("skip_shares"):
+        return "_shares", ", skipping settings side by side"
     if share is not None:
         return "_share_" + f"{share:g}".replace(".", "_"), f", skipping {share:g} of the slots"
     if strength != 1:
@@ -291,12 +315,15 @@ def report(results: dict[str, Any]) -> str:
                 "(SkipCalibration's share, with the strength it took; quality at such shares: "
                 "section Skipping strength against quality)." if share is not None
                 else "." if strength == 1 else f", with every skipping threshold x {strength:g} (SkipCalibration's "
-                "strength; its quality cost is in section Skipping strength against quality)."), ""]
+                "strength; its quality cost is in section Skipping strength against quality).")
+             + (" Each share_X_skip variant is its own copy of the full model with the thresholds scaled so that X "
+                "of the slots are skipped on the calibration tokens, all timed in the same rounds."
+                if results.get("skip_shares") else ""), ""]
     for key, entry in results["runs"].items():
-        facts, summary = entry["facts"], entry["summary"]
+        facts, summary, names = entry["facts"], entry["summary"], entry.get("variants", VARIANTS)
         lines += [f"### {key}", "", "| variant | expert bytes | skipped share | decode b=1 tok/s | x full | "
                   "decode b=16 tok/s | x full | prefill tok/s | x full |", "|---|---|---|---|---|---|---|---|---|"]
-        for name in VARIANTS:
+        for name in names:
             base = name.removesuffix("_skip")
             skipped = f"{facts[base]['skipped_share']:.3f}" if name.endswith("_skip") else "0"
             if name.endswith("_skip") and "skip_strength" in facts[base] and facts[base]["skip_strength"] != 1:
@@ -313,7 +340,7 @@ def report(results: dict[str, Any]) -> str:
                       "(layer, step) expert weight matrices some token used:", "",
                       "| variant | b=1 experts time | b=1 matmuls time | b=1 experts used | b=16 experts time | "
                       "b=16 matmuls time | b=16 experts used |", "|---|---|---|---|---|---|---|"]
-            for name in VARIANTS:
+            for name in names:
                 cells = []
                 for metric in ("decode_1", "decode_16"):
                     p = prof[name][metric]
@@ -365,18 +392,22 @@ def targets_lines(results: dict[str, Any]) -> list[str]:
              "with the skipped share it measured: when that bound is below the target, no implementation of "
              "skipping reaches it on this machine at that share, and a higher share is a quality trade-off:", ""]
     for key, entry in results["runs"].items():
-        for name, by_metric in targets.items():
-            for metric, least in by_metric.items():
-                m = entry["summary"][name][metric]
-                verdict = ("met" if m["ratio_min"] >= least else "met at the median, not in every round"
-                           if m["ratio"] >= least else "missed")
-                lines.append(f"- {key}: {name} {metric.replace('_', ' b=')} {m['ratio']:.2f}x "
-                             f"[{m['ratio_min']:.2f}-{m['ratio_max']:.2f}] (target >= {least:g}): {verdict}."
-                             + bounds_note(entry, name, metric))
+        names = entry.get("variants", VARIANTS)
+        for target, by_metric in targets.items():  # a settings run judges each share by skipping alone's targets
+            judged = [target] if target in names else [n for n in names if n.startswith("share_")] \
+                if target == "full_skip" else []
+            for name in judged:
+                for metric, least in by_metric.items():
+                    m = entry["summary"][name][metric]
+                    verdict = ("met" if m["ratio_min"] >= least else "met at the median, not in every round"
+                               if m["ratio"] >= least else "missed")
+                    lines.append(f"- {key}: {name} {metric.replace('_', ' b=')} {m['ratio']:.2f}x "
+                                 f"[{m['ratio_min']:.2f}-{m['ratio_max']:.2f}] (target >= {least:g}): {verdict}."
+                                 + bounds_note(entry, name, metric))
     return lines + [""]
 
 
-def skipping_bounds(entry: dict[str, Any], metric: str) -> dict[str, float] | None:
+def skipping_bounds(entry: dict[str, Any], metric: str, variant: str = "full_skip") -> dict[str, float] | None:
     """What skipping alone could give at most, from the profile, if the skipped work cost nothing: ``weights``
     (the experts' time scales with the expert matrices some token still uses), ``compute`` (it scales with the
     chosen slots still computed) and, where the profile timed the grouped matmuls, ``matmuls`` (only the matmuls'
@@ -385,8 +416,8 @@ def skipping_bounds(entry: dict[str, Any], metric: str) -> dict[str, float] | No
     prof = entry.get("profile")
     if not prof or metric not in prof.get("full", {}):
         return None
-    full, skip = prof["full"][metric], prof["full_skip"][metric]
-    share = entry["facts"]["full"]["skipped_share"]
+    full, skip = prof["full"][metric], prof[variant][metric]
+    share = entry["facts"][variant.removesuffix("_skip")]["skipped_share"]
     unused = 1 - skip["experts_used_share"] / full["experts_used_share"]
     bounds = {"weights": 1 / (1 - full["experts_time_share"] * unused),
               "compute": 1 / (1 - full["experts_time_share"] * share)}
@@ -398,7 +429,8 @@ def skipping_bounds(entry: dict[str, Any], metric: str) -> dict[str, float] | No
 
 
 def bounds_note(entry: dict[str, Any], name: str, metric: str) -> str:
-    bounds = skipping_bounds(entry, metric) if name == "full_skip" else None
+    skipping_alone = name == "full_skip" or name.startswith("share_")
+    bounds = skipping_bounds(entry, metric, name) if skipping_alone else None
     if bounds is None:
         return ""
     note = (f" If skipped work cost nothing: {bounds['weights']:.2f}x weights-bound, {bounds['compute']:.2f}x "
@@ -427,6 +459,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="instead of --skip-strength: the share of chosen slots to skip on the calibration tokens "
                          "(a random router's weights differ from a trained one's, so the same strength skips more "
                          "here); writes its own RESULTS.md section")
+    ap.add_argument("--skip-shares", default=None,
+                    help="comma-separated shares: instead of the pruned variants, the full model and one copy per "
+                         "share skipping that share of the slots, timed side by side (RESULTS.md section *_shares)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "speed.json"))
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
@@ -443,6 +478,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--skip-strength: must be > 0, got {args.skip_strength!r}")
     if args.skip_share is not None and not 0 < args.skip_share < 1:
         ap.error(f"--skip-share: must lie in (0, 1), got {args.skip_share!r}")
+    if args.skip_shares is not None:
+        try:
+            args.skip_shares = [float(x) for x in args.skip_shares.split(",")]
+        except ValueError:
+            ap.error(f"--skip-shares: expected comma-separated numbers, got {args.skip_shares!r}")
+        if not all(0 < x < 1 for x in args.skip_shares) or args.skip_share is not None:
+            ap.error(f"--skip-shares: each must lie in (0, 1), without --skip-share; got {args.skip_shares!r}")
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
@@ -451,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shown = argv if argv is not None else sys.argv[1:]
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.speed", *shown]),
                                "skip_strength": args.skip_strength, "skip_share": args.skip_share,
+                               "skip_shares": args.skip_shares,
                                "machine": machine(device), "device": device.type, "layers": args.layers,
                                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                                "repeats": args.repeats, "runs": {}}
@@ -458,10 +501,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for dtype_name in args.dtypes.split(","):
             key = f"{shape} {dtype_name}"
             print(f"== {key}", flush=True)
-            models, facts = variants(shape, args, getattr(torch, dtype_name), device)
-            times = measure(models, args, device)
-            results["runs"][key] = {"facts": facts, "times": times, "summary": summarise(times),
-                                    "profile": profiles(models, args, device)}
+            models, facts, names = variants(shape, args, getattr(torch, dtype_name), device)
+            times = measure(models, names, args, device)
+            results["runs"][key] = {"facts": facts, "variants": names, "times": times, "summary": summarise(times),
+                                    "profile": profiles(models, names, args, device)}
             del models
             Path(args.out).write_text(json.dumps(results, indent=1))
     if args.results:

@@ -180,6 +180,16 @@ def test_speed_benchmark_smoke(tmp_path):
     for facts in by_share["runs"]["mixtral float32"]["facts"].values():
         assert abs(facts["skipped_share"] - 0.3) < 0.02
     assert "<!-- speed_cpu_share_0_3:begin -->" in results_md.read_text()
+    # several shares side by side: one model copy per share, each judged by skipping alone's targets
+    side = speed.main(["--shapes", "mixtral", "--dtypes", "float32", "--layers", "1", "--hidden", "64",
+                       "--vocab", "64", "--repeats", "2", "--new-tokens", "2", "--prefill-tokens", "16",
+                       "--threads", "1", "--skip-shares", "0.2,0.4", "--out", str(tmp_path / "speed_shares.json"),
+                       "--results", str(results_md)])
+    run = side["runs"]["mixtral float32"]
+    assert run["variants"] == ["full", "share_0.2_skip", "share_0.4_skip"] == list(run["summary"])
+    assert [round(run["facts"][n]["skipped_share"], 1) for n in ("share_0.2", "share_0.4")] == [0.2, 0.4]
+    section = results_md.read_text().split("<!-- speed_cpu_shares:begin -->")[1]
+    assert "share_0.4_skip decode b=1" in section and "| pruned_50 |" not in section
 
 
 def test_search_cost_benchmark_smoke(tmp_path):
