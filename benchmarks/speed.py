@@ -17,8 +17,8 @@ the time as they do in a 32-layer model.
 Variants: the full model, the full model with skipping, 25% and 50% of each layer's experts pruned (uniform, by
 routing frequency on the calibration tokens), each pruned model with skipping. Skipping is calibrated exactly as
 in real use (:func:`diep_lightning.skipping.calibrate_skipping` on calibration tokens, here random ids), and the
-skipped share it measures is reported. Every round measures every variant once, in turn, and ratios are taken
-within a round; the report gives the median ratio over rounds and its range.
+skipped share it measures is reported. Every round measures every variant once, in turn, starting from another
+variant each round, and ratios are taken within a round; the report gives the median ratio over rounds and its range.
 """
 
 from __future__ import annotations
@@ -179,8 +179,9 @@ def measure(models: dict[str, Any], names: list[str], args: argparse.Namespace,
             run(name, metric)
     times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in names}
     for round_ in range(args.repeats):
+        shift = round_ % len(names)  # each round starts from another variant: no variant always runs first
         for metric in metrics:
-            for name in names:
+            for name in names[shift:] + names[:shift]:
                 times[name][metric].append(run(name, metric))
         print(f"   round {round_ + 1}/{args.repeats}: " + ", ".join(
             f"{n} {times[n]['decode_1'][-1]:.1f}/{times[n]['decode_16'][-1]:.1f}" for n in names), flush=True)
@@ -308,7 +309,8 @@ def report(results: dict[str, Any]) -> str:
              f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
              f"{results['layers']} decoder layers with real layer proportions (see `benchmarks/speed.py`); "
              f"greedy decode of {results['new_tokens']} new tokens at batch 1 and 16, prefill of "
-             f"{results['prefill_tokens']} tokens. Each cell: median tokens/s over {results['repeats']} rounds, and "
+             f"{results['prefill_tokens']} tokens. Each cell: median tokens/s over {results['repeats']} rounds"
+             + (" (each round starting from another variant)" if results.get("rotated") else "") + ", and "
              "the median ratio to the full model measured in the same round [min-max over rounds]. Skipped share: "
              "chosen expert slots skipped on the calibration tokens"
              + (f", with every skipping threshold scaled so that {share:g} of the slots are skipped on them "
@@ -493,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shown = argv if argv is not None else sys.argv[1:]
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.speed", *shown]),
                                "skip_strength": args.skip_strength, "skip_share": args.skip_share,
-                               "skip_shares": args.skip_shares,
+                               "skip_shares": args.skip_shares, "rotated": True,
                                "machine": machine(device), "device": device.type, "layers": args.layers,
                                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                                "repeats": args.repeats, "runs": {}}
