@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks.sections import write_section
+from benchmarks.speed import _sync
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,11 +97,6 @@ def floor(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int, d
     return {"loop_s": time.perf_counter() - start}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def diep(model_dir: str, batches: list[dict[str, torch.Tensor]], epochs: int, device: torch.device) -> dict[str, float]:
     import lightning.pytorch as pl
 
@@ -145,8 +141,8 @@ def child(kind: str, model_dir: str, args: argparse.Namespace) -> dict[str, floa
     batches = random_batches(vocab, args.samples, args.seq_len, args.batch_size)
     start = time.perf_counter()
     extra = (floor if kind == "floor" else diep)(model_dir, batches, args.epochs, device)
+    _sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         extra["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return {"wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), **extra}
 

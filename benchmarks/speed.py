@@ -110,10 +110,7 @@ def variants(shape: str, args: argparse.Namespace, dtype: torch.dtype,
         for share in args.skip_shares:
             name = share_name(share)
             models[name] = copy.deepcopy(full)
-            skipping = calibrate_skipping(models[name], batches, share=share)
-            shares = list(skipping.skipped_fraction.values())
-            facts[name] = {"expert_bytes": facts["full"]["expert_bytes"], "skipped_share": sum(shares) / len(shares),
-                           "skip_strength": skipping.strength}
+            facts[name] = skip_facts(models[name], calibrate_skipping(models[name], batches, share=share))
         return models, facts, ["full"] + [f"{share_name(s)}_skip" for s in args.skip_shares]
     scores = frequency_scores(full, batches)
     models, facts = {"full": full}, {}
@@ -121,10 +118,17 @@ def variants(shape: str, args: argparse.Namespace, dtype: torch.dtype,
         models[f"pruned_{int(sparsity * 100)}"] = prune(copy.deepcopy(full), scores, sparsity, "uniform").model
     for name in ("full", "pruned_25", "pruned_50"):
         skipping = calibrate_skipping(models[name], batches, strength=args.skip_strength, share=args.skip_share)
-        shares = list(skipping.skipped_fraction.values())
-        facts[name] = {"expert_bytes": size_report(models[name])["expert_bytes"],
-                       "skipped_share": sum(shares) / len(shares), "skip_strength": skipping.strength}
+        facts[name] = skip_facts(models[name], skipping)
     return models, facts, list(VARIANTS)
+
+
+def skip_facts(model: Any, skipping: Any) -> dict[str, float]:
+    """A model's expert bytes, and the mean share of slots its calibrated skipping skips, with the strength."""
+    from diep_lightning.removal import size_report
+
+    shares = list(skipping.skipped_fraction.values())
+    return {"expert_bytes": size_report(model)["expert_bytes"], "skipped_share": sum(shares) / len(shares),
+            "skip_strength": skipping.strength}
 
 
 def _skipping(model: Any, variant: str) -> Any:
