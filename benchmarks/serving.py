@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.sections import write_section
+from diep_lightning.serving.skipping import SWITCH
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["The history of the city", "In the morning the", "Scientists have found that", "She said that he",
@@ -38,13 +39,19 @@ def prompt_ids(model_dir: str, count: int) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:count]]
 
 
-def transformers_greedy(path: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy continuations with transformers (an export through ``load_pruned``), one prompt at a time."""
+def transformers_greedy(path: str, prompts: list[list[int]], new_tokens: int,
+                        skipping: bool = True) -> list[list[int]]:
+    """Greedy continuations with transformers (an export through ``load_pruned``, with its recorded skipping unless
+    ``skipping`` is False), one prompt at a time."""
     import torch
 
-    from diep_lightning.loading import load_causal_lm
+    from diep_lightning.export_dir import PRUNING_FILE
+    from diep_lightning.loading import load_causal_lm, load_pruned
 
-    model = load_causal_lm(path, dtype=torch.float32)
+    if (Path(path) / PRUNING_FILE).is_file():
+        model = load_pruned(path, dtype=torch.float32, skipping=skipping)
+    else:
+        model = load_causal_lm(path, dtype=torch.float32)
     out = []
     with torch.no_grad():
         for ids in prompts:
@@ -54,15 +61,18 @@ def transformers_greedy(path: str, prompts: list[list[int]], new_tokens: int) ->
     return out
 
 
-def vllm_run(path: str, prompts: list[list[int]], new_tokens: int, batch: int = 16) -> dict[str, Any]:
-    """vLLM's greedy continuations of ``prompts``, its load time, and decode tokens/s at ``batch`` prompts."""
+def vllm_run(path: str, prompts: list[list[int]], new_tokens: int, batch: int = 16,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """vLLM's greedy continuations of ``prompts``, its load time, and decode tokens/s at ``batch`` prompts
+    (``overrides``: vLLM's ``hf_overrides``, e.g. the plugin's architecture or ``diep_skipping``)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     start = time.perf_counter()
-    llm = LLM(model=path, enforce_eager=True, max_model_len=256, dtype="float32", seed=0)
+    llm = LLM(model=path, enforce_eager=True, max_model_len=256, dtype="float32", seed=0,
+              hf_overrides=overrides or None)
     load_s = time.perf_counter() - start
     greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], greedy, use_tqdm=False)
@@ -131,19 +141,24 @@ def plugin_copy(path: str, target: Path) -> str:
     return str(target)
 
 
-def child(path: str, prompts: list[list[int]], new_tokens: int, engine: str) -> dict[str, Any]:
-    """One engine on one model, in this (fresh) process."""
+def child(path: str, prompts: list[list[int]], new_tokens: int, engine: str,
+          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One engine on one model, in this (fresh) process; ``overrides`` as vLLM's ``hf_overrides`` (transformers
+    reads only the skipping switch from them)."""
+    overrides = overrides or {}
     if engine == "vllm":
-        result = vllm_run(path, prompts, new_tokens)
+        result = vllm_run(path, prompts, new_tokens, overrides=overrides)
     else:
-        result = {"tokens": transformers_greedy(path, prompts, new_tokens)}
+        result = {"tokens": transformers_greedy(path, prompts, new_tokens, overrides.get(SWITCH, True))}
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
-def run_child(path: str, prompts: list[list[int]], new_tokens: int, engine: str) -> dict[str, Any]:
+def run_child(path: str, prompts: list[list[int]], new_tokens: int, engine: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.serving", "--child", engine, "--path", path,
-           "--prompt-ids", json.dumps(prompts), "--new-tokens", str(new_tokens)]
+           "--prompt-ids", json.dumps(prompts), "--new-tokens", str(new_tokens),
+           "--overrides", json.dumps(overrides or {})]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1800)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -187,9 +202,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--child", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.path, json.loads(args.prompt_ids), args.new_tokens, args.child)))
+        print(json.dumps(child(args.path, json.loads(args.prompt_ids), args.new_tokens, args.child,
+                               json.loads(args.overrides))))
         return {}
     import vllm
 

@@ -65,12 +65,26 @@ class _SkipState:
         return self.cast[key]
 
 
-def skip_mask(state: _SkipState, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(tokens, k) True where a chosen slot is skipped: ``w_e < gamma[e0, e] * w_e0``, never the top slot e0 (the
-    thresholds' diagonal is 0; chosen experts are distinct). Five small operations, each a kernel launch per layer and
-    decode step."""
+def skipped_slots(thresholds: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, k) True where a chosen slot is skipped, ``w_e < gamma[e0, e] * w_e0``, and (tokens, 1) each token's
+    top expert e0. A zero diagonal in ``thresholds`` keeps the top slot (chosen experts are distinct). Five small
+    operations, each a kernel launch per layer and decode step; no host synchronisation."""
     w_top, top = w.max(dim=-1, keepdim=True)
-    return w < state.thresholds(w)[idx.gather(-1, top), idx] * w_top
+    top_expert = idx.gather(-1, top)
+    return w < thresholds[top_expert, idx] * w_top, top_expert
+
+
+def skipped_weights(w: torch.Tensor, skip: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """Routing weights with the skipped slots at 0, the survivors rescaled to the original sum if ``renormalize``."""
+    new_w = w.masked_fill(skip, 0.0)
+    if renormalize:
+        new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
+    return new_w
+
+
+def skip_mask(state: _SkipState, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`skipped_slots` with one experts module's thresholds."""
+    return skipped_slots(state.thresholds(w), idx, w)[0]
 
 
 def _skipping_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -88,9 +102,7 @@ def _skipping_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.
     if state.group.counting:
         state.skipped = state.skipped + skip.sum()
         state.total += skip.numel()
-    new_w = w.masked_fill(skip, 0.0)
-    if state.renormalize:
-        new_w = new_w * (w.sum(-1, keepdim=True) / new_w.sum(-1, keepdim=True).clamp_min(1e-20))
+    new_w = skipped_weights(w, skip, state.renormalize)
     if not state.sentinel:  # weight 0 only: exact, but the slot is still computed
         return stock(self, hidden, idx, new_w, *rest)
     previous = self._is_expert_parallel

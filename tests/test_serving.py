@@ -12,7 +12,9 @@ from diep_lightning.export import export_pruned
 from diep_lightning.families import get_family
 from diep_lightning.pipeline import prune
 from diep_lightning.serving.plan import (EXPORTED, SERVED, architecture, check_parallelism, experts_per_layer,
-                                         layer_index, pad_attention_weights, padded_head_size)
+                                         layer_index, pad_attention_weights, padded_head_size, served_counts)
+from diep_lightning.serving.skipping import layer_thresholds, redirect_skipped
+from diep_lightning.skipping import install_skipping
 from diep_lightning.testing import TINY_CONFIGS, tiny_model
 
 
@@ -145,3 +147,52 @@ def test_zero_padded_heads_give_the_same_attention_output():
     torch.testing.assert_close(served, reference, rtol=1e-4, atol=1e-4)
     # the scale must stay the model's own: the padded size's would change the scores
     assert not torch.allclose(_attention(padded, heads, kv_heads, 64, head_dim, 64 ** -0.5, x), reference, atol=1e-3)
+
+
+def test_recorded_skipping_maps_moe_blocks_to_decoder_layers():
+    record = {"plan": {"skipping": {"gammas": {"0": [[1.0, 0.5, 0.2]] * 3, "1": [[0.3, 0.4]] * 2},
+                                    "renormalize": True}}}
+    thresholds, renormalize = layer_thresholds(record, [0, 3, 2])
+    assert sorted(thresholds) == [1, 2] and renormalize is True
+    assert torch.equal(thresholds[1], torch.tensor([[0.0, 0.5, 0.2], [1.0, 0.0, 0.2], [1.0, 0.5, 0.0]]))
+    assert layer_thresholds({"plan": {}}, [3]) == ({}, False) and layer_thresholds(None, [3]) == ({}, False)
+    with pytest.raises(ValueError, match=r"^pruning.json: skipping thresholds of MoE layer 1 are \(2, 2\), its "
+                                         r"decoder layer 2 has 4 experts$"):
+        layer_thresholds(record, [0, 3, 4])
+    with pytest.raises(ValueError, match="^pruning.json: skipping recorded for MoE layer 1, the model has 1 MoE"):
+        layer_thresholds(record, [3, 0])
+
+
+def test_a_config_without_per_layer_counts_is_served_with_its_sparse_layers():
+    assert served_counts(_Config(num_experts_per_layer=[0, 3], num_hidden_layers=2), "num_experts") == [0, 3]
+    assert served_counts(_Config(num_local_experts=8, num_hidden_layers=3), "num_local_experts") == [8, 8, 8]
+    qwen = _Config(num_experts=6, num_hidden_layers=6, mlp_only_layers=[0], decoder_sparse_step=2)
+    assert served_counts(qwen, "num_experts") == [0, 6, 0, 6, 0, 6]
+    with pytest.raises(ValueError, match="no per-layer expert counts"):
+        served_counts(_Config(num_hidden_layers=2), "num_experts")
+
+
+@pytest.mark.parametrize("model_type", sorted(SERVED))
+def test_redirected_routing_gives_what_skipping_gives(model_type):
+    """The engine-side rewrite (skipped slot -> the token's top expert at weight 0) through the stock experts
+    equals transformers-side skipping (sentinel slots left uncomputed), and really moves slots."""
+    model = tiny_model(model_type)
+    block = get_family(model).blocks(model)[0]
+    n, k = block.num_experts, block.top_k
+    g = torch.Generator().manual_seed(1)
+    gamma = torch.rand(n, n, generator=g) * 1.2
+    hidden = torch.randn(64, model.config.hidden_size, generator=g)
+    weights, ids = torch.rand(64, n, generator=g).softmax(-1).topk(k)
+    for renormalize in (False, True):
+        group = install_skipping(model, {block.index: gamma}, renormalize=renormalize)
+        with torch.no_grad():
+            skipped = block.experts(hidden, ids, weights)
+        group.remove()
+        new_w, new_ids = redirect_skipped(gamma.clone().fill_diagonal_(0), weights, ids.int(), renormalize)
+        moved = new_ids.long() != ids
+        assert new_ids.dtype == torch.int32 and 0.1 < moved.float().mean() < 0.9, moved.float().mean()
+        top = ids.gather(-1, weights.argmax(-1, keepdim=True)).expand_as(ids)
+        assert torch.equal(new_ids.long()[moved], top[moved]) and bool((new_w[moved] == 0).all())
+        with torch.no_grad():
+            redirected = block.experts(hidden, new_ids.long(), new_w)
+        torch.testing.assert_close(redirected, skipped, rtol=1e-5, atol=1e-6)

@@ -38,10 +38,16 @@ FAMILIES = {"qwen2_moe": dict(num_experts=16, num_experts_per_tok=4, moe_interme
             "mixtral": dict(intermediate_size=256)}
 
 
-def _export(model: torch.nn.Module, source: str, target: Path, mode: str) -> Path:
+def _export(model: torch.nn.Module, source: str, target: Path, mode: str, skip_strength: float | None = None) -> Path:
+    """A 50% export; with ``skip_strength``, skipping calibrated on random tokens at that strength is recorded."""
     blocks = get_family(model).blocks(model)
     scores = [torch.arange(b.num_experts, dtype=torch.float32).roll(b.index) * (1 + 2 * b.index) for b in blocks]
-    pruned = prune(model, scores, 0.5, mode)
+    skipping = {}
+    if skip_strength is not None:
+        ids = torch.randint(3, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+        skipping = dict(skip=True, skip_strength=skip_strength,
+                        batches=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    pruned = prune(model, scores, 0.5, mode, **skipping)
     path, _ = export_pruned(pruned.model, pruned.plan, target, source=source, original=pruned.before,
                             tokenizer=load_tokenizer(TOKENIZER))
     if mode == "global":
@@ -50,14 +56,15 @@ def _export(model: torch.nn.Module, source: str, target: Path, mode: str) -> Pat
     return path
 
 
-def _same_greedy_tokens(path: str) -> None:
+def _same_greedy_tokens(path: str, overrides: dict | None = None) -> list[list[int]]:
     prompts = prompt_ids(TOKENIZER, 3)
-    reference = run_child(path, prompts, 20, "transformers")
-    served = run_child(path, prompts, 20, "vllm")
+    reference = run_child(path, prompts, 20, "transformers", overrides)
+    served = run_child(path, prompts, 20, "vllm", overrides)
     assert "error" not in reference, reference
     assert "error" not in served, served
     assert served["tokens"] == reference["tokens"]
     assert all(len(t) == 20 for t in served["tokens"])
+    return served["tokens"]
 
 
 @pytest.mark.parametrize("mode", ["original", "uniform", "global"])
@@ -79,3 +86,30 @@ def test_every_served_family_serves_a_global_export_with_transformers_tokens(mod
     pytest.importorskip("vllm")
     model = tiny_model(model_type, num_hidden_layers=3, **CPU_SHAPE, **FAMILIES[model_type])
     _same_greedy_tokens(str(_export(model, f"random {model_type}", tmp_path / "global", "global")))
+
+
+def test_recorded_skipping_serves_with_transformers_tokens_and_switches_off(tmp_path):
+    """vLLM applies the export's skipping (same tokens as transformers with it), and ``diep_skipping: False`` turns it
+    off (same tokens as transformers without it); the two differ, so skipping really acts in vLLM."""
+    pytest.importorskip("vllm")
+    model_dir = str(REPO / "models" / "tiny-mixtral")
+    path = str(_export(load_model(model_dir), model_dir, tmp_path / "global", "global", skip_strength=3.0))
+    assert json.loads((Path(path) / "pruning.json").read_text())["plan"]["skipping"]["gammas"]
+    skipping = _same_greedy_tokens(path)
+    stock = _same_greedy_tokens(path, {"diep_skipping": False})
+    assert skipping != stock
+
+
+def test_a_uniform_export_serves_its_skipping_through_the_plugins_architecture(tmp_path):
+    pytest.importorskip("vllm")
+    model_dir = str(REPO / "models" / "tiny-mixtral")
+    path = str(_export(load_model(model_dir), model_dir, tmp_path / "uniform", "uniform", skip_strength=3.0))
+    skipping = _same_greedy_tokens(path, {"architectures": ["DiEPMixtralForCausalLM"]})
+    assert skipping != _same_greedy_tokens(path, {"diep_skipping": False})  # stock vLLM: no skipping
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_served_family_serves_recorded_skipping_with_transformers_tokens(model_type, tmp_path):
+    pytest.importorskip("vllm")
+    model = tiny_model(model_type, num_hidden_layers=3, **CPU_SHAPE, **FAMILIES[model_type])
+    _same_greedy_tokens(str(_export(model, f"random {model_type}", tmp_path / "global", "global", skip_strength=1.5)))

@@ -50,6 +50,20 @@ def experts_per_layer(config: Any) -> list[int]:
     return list(counts)
 
 
+def served_counts(config: Any, count_attr: str) -> list[int]:
+    """Each decoder layer's routed-expert count the plugin builds: the per-layer field of a non-uniform export, else
+    (a uniform export served through the plugin's architecture with ``hf_overrides``, for its skipping) the config's
+    one count in every sparse layer, by the family's own rule (``mlp_only_layers``, ``decoder_sparse_step``)."""
+    if getattr(config, PER_LAYER_FIELD, None) is not None:
+        return experts_per_layer(config)
+    count, layers = getattr(config, count_attr, None), getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int) or count < 1 or not isinstance(layers, int):
+        return experts_per_layer(config)  # its one-line refusal
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    return [0 if i in dense or (i + 1) % step else count for i in range(layers)]
+
+
 def check_parallelism(counts: list[int], top_k: int | None, expert_parallel_size: int, eplb: bool) -> None:
     """Refuse settings that cannot work with per-layer counts, in one line naming the setting."""
     smallest = min(c for c in counts if c)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from diep_lightning.serving.plan import (EXPORTED, PADDABLE, SERVED, architecture, check_parallelism,
-                                        experts_per_layer, layer_index, pad_attention_weights, padded_head_size)
+import torch
+
+from diep_lightning.serving.plan import (EXPORTED, PADDABLE, SERVED, architecture, check_parallelism, layer_index,
+                                        pad_attention_weights, padded_head_size, served_counts)
+from diep_lightning.serving.skipping import SWITCH, layer_thresholds, redirect_skipped
 
 
 def _supported_head_sizes() -> list[int] | None:
@@ -60,6 +63,55 @@ def _padded_attention_class(module: Any, head_dim: int, padded: int) -> type:
     return PaddedAttention
 
 
+def _skipping_select(select: Any, thresholds: torch.Tensor, renormalize: bool) -> Any:
+    def select_experts(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        topk_weights, topk_ids = select(*args, **kwargs)
+        return redirect_skipped(thresholds, topk_weights, topk_ids, renormalize)
+
+    return select_experts
+
+
+def install_skipping(model: Any, model_config: Any, counts: list[int]) -> list[int]:
+    """Install the skipping an export's ``pruning.json`` records on each fused-MoE layer's router (the decoder
+    layers it went into); off with ``hf_overrides={"diep_skipping": False}``.
+
+    Raises:
+        ValueError: one line when the recorded layers are not all found, or a layer's kernel routes by itself
+            (a monolithic fused-MoE kernel takes router logits, so the recorded skipping could not apply).
+    """
+    from vllm.logger import init_logger
+    from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+    from vllm.transformers_utils.repo_utils import get_hf_file_to_dict
+
+    from diep_lightning.export_dir import PRUNING_FILE
+
+    if getattr(model_config.hf_config, SWITCH, True) is False:
+        return []
+    record = get_hf_file_to_dict(PRUNING_FILE, model_config.model, getattr(model_config, "revision", None))
+    thresholds, renormalize = layer_thresholds(record, counts)
+    installed = []
+    for module in model.modules():
+        router, name = getattr(module, "router", None), getattr(module, "layer_name", None)
+        if not isinstance(router, FusedMoERouter) or not isinstance(name, str):
+            continue
+        layer = layer_index(name)
+        if layer not in thresholds:
+            continue
+        if getattr(module, "is_monolithic", False):
+            raise ValueError(f"{SWITCH}: the fused-MoE kernel of layer {layer} routes by itself, so the recorded "
+                             f"skipping cannot apply; serve with hf_overrides={{'{SWITCH}': False}}")
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        router.select_experts = _skipping_select(router.select_experts, thresholds[layer].to(device), renormalize)
+        installed.append(layer)
+    missing = sorted(set(thresholds) - set(installed))
+    if missing:
+        raise ValueError(f"{PRUNING_FILE}: skipping is recorded for decoder layers {missing}, where the plugin found no "
+                         f"fused-MoE router; serve with hf_overrides={{'{SWITCH}': False}}")
+    if installed:
+        init_logger(__name__).info("diep_lightning: adaptive expert skipping on in %d MoE layers", len(installed))
+    return sorted(installed)
+
+
 def _per_layer_class(model_type: str) -> type:
     module_name, causal_name, count_attr = SERVED[model_type]
     module = importlib.import_module(f"vllm.model_executor.models.{module_name}")
@@ -75,7 +127,7 @@ def _per_layer_class(model_type: str) -> type:
                 padded = padded_head_size(head_dim, _supported_head_sizes())
             configs = list({id(c): c for c in (model_config.hf_config, getattr(model_config, "hf_text_config", None))
                             if c is not None}.values())
-            counts = experts_per_layer(model_config.hf_config)
+            counts = served_counts(model_config.hf_config, count_attr)
             parallel = vllm_config.parallel_config
             ep = (parallel.tensor_parallel_size * parallel.data_parallel_size
                   if getattr(parallel, "enable_expert_parallel", False) else 1)
@@ -108,6 +160,7 @@ def _per_layer_class(model_type: str) -> type:
                 if attention is not None:
                     module.Qwen2MoeAttention = attention
             self._head_dim, self._padded = head_dim, padded
+            self.diep_skipping_layers = install_skipping(self, model_config, counts)
 
         def load_weights(self, weights: Any) -> Any:
             if self._padded != self._head_dim:
