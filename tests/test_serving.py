@@ -13,7 +13,7 @@ from diep_lightning.families import get_family
 from diep_lightning.pipeline import prune
 from diep_lightning.serving.plan import (EXPORTED, SERVED, architecture, check_parallelism, experts_per_layer,
                                          layer_index, pad_attention_weights, padded_head_size, served_counts)
-from diep_lightning.serving.skipping import layer_thresholds, redirect_skipped
+from diep_lightning.serving.skipping import ServedSkipping, layer_thresholds, redirect_skipped
 from diep_lightning.skipping import install_skipping
 from diep_lightning.testing import TINY_CONFIGS, tiny_model
 
@@ -196,3 +196,22 @@ def test_redirected_routing_gives_what_skipping_gives(model_type):
         with torch.no_grad():
             redirected = block.experts(hidden, new_ids.long(), new_w)
         torch.testing.assert_close(redirected, skipped, rtol=1e-5, atol=1e-6)
+
+
+def test_served_skipping_switches_off_and_counts_only_when_asked():
+    g = torch.Generator().manual_seed(2)
+    thresholds = (torch.rand(8, 8, generator=g) * 1.5).fill_diagonal_(0)
+    weights, ids = torch.rand(32, 8, generator=g).softmax(-1).topk(2)
+    state = ServedSkipping([3])
+    on = redirect_skipped(thresholds, weights, ids, state=state, layer=3)
+    assert not torch.equal(on[1], ids) and state.skipped_share() is None  # not counting: nothing kept
+    state.counting = True
+    redirect_skipped(thresholds, weights, ids, state=state, layer=3)
+    moved = (on[1] != ids).sum().item()
+    assert state.skipped_share() == moved / ids.numel() and int(state.slots[3]) == ids.numel()
+    assert state.experts_read_share() == on[1].unique().numel() / ids.unique().numel() <= 1
+    state.enabled = False
+    off_w, off_ids = redirect_skipped(thresholds, weights, ids, state=state, layer=3)
+    assert off_w is weights and off_ids is ids and int(state.slots[3]) == ids.numel()
+    state.reset_counts()
+    assert state.skipped_share() is None and state.experts_read_share() is None

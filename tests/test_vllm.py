@@ -113,3 +113,20 @@ def test_every_served_family_serves_recorded_skipping_with_transformers_tokens(m
     pytest.importorskip("vllm")
     model = tiny_model(model_type, num_hidden_layers=3, **CPU_SHAPE, **FAMILIES[model_type])
     _same_greedy_tokens(str(_export(model, f"random {model_type}", tmp_path / "global", "global", skip_strength=1.5)))
+
+
+def test_the_serving_speed_benchmark_times_skipping_on_and_off_in_one_engine(tmp_path):
+    pytest.importorskip("vllm")
+    from benchmarks import serving_speed
+
+    results = serving_speed.main(["--shapes", "mixtral", "--hidden", "256", "--layers", "2", "--repeats", "1",
+                                  "--new-tokens", "4", "--prefill-tokens", "64", "--out", str(tmp_path),
+                                  "--results", str(tmp_path / "RESULTS.md")])
+    full, pruned = results["shapes"]["mixtral"]["full"], results["shapes"]["mixtral"]["pruned_50"]
+    assert "error" not in full and "error" not in pruned, (full.get("error"), pruned.get("error"))
+    assert (full["experts"], pruned["experts"]) == (8, 4) and full["layers"] == [0, 1]
+    assert 0 < full["served_share"] < 1
+    assert full["experts_read"]["decode_1"] < 1  # at batch 1 a skipped slot is an expert not read
+    assert set(pruned["summary"]) == {"skip_vs_off", "off_vs_full", "skip_vs_full"}
+    assert all(len(v) == 1 for v in full["times"]["on"].values())
+    assert "| mixtral | pruned_50 | 4 |" in (tmp_path / "RESULTS.md").read_text()

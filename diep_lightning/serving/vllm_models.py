@@ -15,7 +15,7 @@ import torch
 
 from diep_lightning.serving.plan import (EXPORTED, PADDABLE, SERVED, architecture, check_parallelism, layer_index,
                                         pad_attention_weights, padded_head_size, served_counts)
-from diep_lightning.serving.skipping import SWITCH, layer_thresholds, redirect_skipped
+from diep_lightning.serving.skipping import SWITCH, ServedSkipping, layer_thresholds, redirect_skipped
 
 
 def _supported_head_sizes() -> list[int] | None:
@@ -63,17 +63,18 @@ def _padded_attention_class(module: Any, head_dim: int, padded: int) -> type:
     return PaddedAttention
 
 
-def _skipping_select(select: Any, thresholds: torch.Tensor, renormalize: bool) -> Any:
+def _skipping_select(select: Any, thresholds: torch.Tensor, renormalize: bool, state: ServedSkipping,
+                     layer: int) -> Any:
     def select_experts(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         topk_weights, topk_ids = select(*args, **kwargs)
-        return redirect_skipped(thresholds, topk_weights, topk_ids, renormalize)
+        return redirect_skipped(thresholds, topk_weights, topk_ids, renormalize, state, layer)
 
     return select_experts
 
 
-def install_skipping(model: Any, model_config: Any, counts: list[int]) -> list[int]:
-    """Install the skipping an export's ``pruning.json`` records on each fused-MoE layer's router (the decoder
-    layers it went into); off with ``hf_overrides={"diep_skipping": False}``.
+def install_skipping(model: Any, model_config: Any, counts: list[int]) -> ServedSkipping:
+    """Install the skipping an export's ``pruning.json`` records on each fused-MoE layer's router; returns its
+    :class:`ServedSkipping` (no layers when none is recorded or it is off: ``hf_overrides={"diep_skipping": False}``).
 
     Raises:
         ValueError: one line when the recorded layers are not all found, or a layer's kernel routes by itself
@@ -85,8 +86,9 @@ def install_skipping(model: Any, model_config: Any, counts: list[int]) -> list[i
 
     from diep_lightning.export_dir import PRUNING_FILE
 
+    state = ServedSkipping()
     if getattr(model_config.hf_config, SWITCH, True) is False:
-        return []
+        return state
     record = get_hf_file_to_dict(PRUNING_FILE, model_config.model, getattr(model_config, "revision", None))
     thresholds, renormalize = layer_thresholds(record, counts)
     installed = []
@@ -99,9 +101,11 @@ def install_skipping(model: Any, model_config: Any, counts: list[int]) -> list[i
             continue
         if getattr(module, "is_monolithic", False):
             raise ValueError(f"{SWITCH}: the fused-MoE kernel of layer {layer} routes by itself, so the recorded "
-                             f"skipping cannot apply; serve with hf_overrides={{'{SWITCH}': False}}")
+                             f"skipping cannot apply; serve with --moe-backend triton to keep it, or with "
+                             f"hf_overrides={{'{SWITCH}': False}} to serve without it")
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        router.select_experts = _skipping_select(router.select_experts, thresholds[layer].to(device), renormalize)
+        router.select_experts = _skipping_select(router.select_experts, thresholds[layer].to(device), renormalize,
+                                                 state, layer)
         installed.append(layer)
     missing = sorted(set(thresholds) - set(installed))
     if missing:
@@ -109,7 +113,8 @@ def install_skipping(model: Any, model_config: Any, counts: list[int]) -> list[i
                          f"fused-MoE router; serve with hf_overrides={{'{SWITCH}': False}}")
     if installed:
         init_logger(__name__).info("diep_lightning: adaptive expert skipping on in %d MoE layers", len(installed))
-    return sorted(installed)
+    state.layers = sorted(installed)
+    return state
 
 
 def _per_layer_class(model_type: str) -> type:
@@ -160,7 +165,7 @@ def _per_layer_class(model_type: str) -> type:
                 if attention is not None:
                     module.Qwen2MoeAttention = attention
             self._head_dim, self._padded = head_dim, padded
-            self.diep_skipping_layers = install_skipping(self, model_config, counts)
+            self.diep_skipping = install_skipping(self, model_config, counts)
 
         def load_weights(self, weights: Any) -> Any:
             if self._padded != self._head_dim:
