@@ -88,6 +88,31 @@ def _set(llm: Any, enabled: bool | None = None, counting: bool | None = None) ->
     return llm.apply_model(apply)[0]
 
 
+def _timed(spent: dict[str, float], key: str, fn: Any) -> Any:
+    def timed(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            spent[key] += time.perf_counter() - start
+
+    return timed
+
+
+def _install_profile(model: Any, spent: dict[str, float]) -> int:
+    """Time every fused-MoE layer's work and, within it, its routing (the router's ``select_experts``, skipping's
+    rewrite included) into ``spent`` (on a CPU every op is synchronous, so wall time is where the time goes)."""
+    layers = 0
+    for module in model.modules():
+        router = getattr(module, "router", None)
+        if router is None or not hasattr(module, "_forward_impl") or not hasattr(router, "select_experts"):
+            continue
+        module._forward_impl = _timed(spent, "moe", module._forward_impl)
+        router.select_experts = _timed(spent, "routing", router.select_experts)
+        layers += 1
+    return layers
+
+
 def child(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """One engine on one export: per round, every metric with skipping on and off in turn."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -140,8 +165,21 @@ def child(path: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"   round {round_ + 1}/{args.repeats}: " + ", ".join(
             f"{m} on {times['on'][m][-1]:.1f} off {times['off'][m][-1]:.1f}" for m in METRICS), file=sys.stderr,
             flush=True)
+    # where the time goes: untimed-for-ratios runs with every MoE layer's work and routing timed
+    spent = {"moe": 0.0, "routing": 0.0}
+    if not llm.apply_model(lambda model: _install_profile(model, spent))[0]:
+        raise SystemExit("found no fused-MoE layer to profile")
+    profile: dict[str, dict[str, dict[str, float]]] = {"on": {}, "off": {}}
+    for metric in ("decode_1", "decode_16"):
+        for state in ("on", "off"):
+            _set(llm, enabled=state == "on")
+            spent.update(moe=0.0, routing=0.0)
+            start = time.perf_counter()
+            run(metric)
+            total = time.perf_counter() - start
+            profile[state][metric] = {"total_s": total, "moe_s": spent["moe"], "routing_s": spent["routing"]}
     return {"times": times, "layers": layers, "served_share": counted["decode_16"]["skipped_share"],
-            "experts_read": {m: c["experts_read_share"] for m, c in counted.items()}}
+            "experts_read": {m: c["experts_read_share"] for m, c in counted.items()}, "profile": profile}
 
 
 def run_child(path: str, argv: list[str]) -> dict[str, Any]:
@@ -160,13 +198,14 @@ def merge(entry: dict[str, Any], result: dict[str, Any]) -> None:
         return
     if "times" not in entry:
         entry.update(result, served_shares=[result["served_share"]],
-                     experts_reads=[result["experts_read"]])
+                     experts_reads=[result["experts_read"]], profiles=[result["profile"]])
         return
     for state, per_metric in result["times"].items():
         for metric, values in per_metric.items():
             entry["times"][state][metric] += values
     entry["served_shares"].append(result["served_share"])
     entry["experts_reads"].append(result["experts_read"])
+    entry["profiles"].append(result["profile"])
 
 
 def ratios(values: list[float], reference: list[float]) -> dict[str, float]:
@@ -204,7 +243,7 @@ def report(results: dict[str, Any]) -> str:
              "skipping over those without it, counted in the engine (b1 / b16): in a memory-bound decode step the "
              "kernel's time follows this, not the skipped share, since a skipped slot's row moves to the token's top "
              "expert, which is computed anyway.", "",
-             "| shape | export | experts/layer | skipped share | experts read b1 / b16 | decode b1 tok/s off -> on tok/s off -> on | skip / off b1 | "
+             "| shape | export | experts/layer | skipped share | experts read b1 / b16 | decode b1 tok/s off -> on | skip / off b1 | "
              "skip / off b16 | skip / off prefill | off vs full b16 | skip vs full b1 | skip vs full b16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape, variants in results["shapes"].items():
@@ -225,7 +264,56 @@ def report(results: dict[str, Any]) -> str:
                 f"{_cell(s['skip_vs_off']['decode_16'])} | {_cell(s['skip_vs_off']['prefill'])} | "
                 + (f"{_cell(vs_full['decode_16'])} | {_cell(s['skip_vs_full']['decode_1'])} | "
                    f"{_cell(s['skip_vs_full']['decode_16'])} |" if vs_full else "- | - | - |"))
-    return "\n".join(lines)
+    return "\n".join(lines + profile_lines(results) + targets_lines(results))
+
+
+def profile_lines(results: dict[str, Any]) -> list[str]:
+    """Where a decode run's time goes, skipping off -> on (mean over engines): the fused-MoE layers' share of the
+    run, the routing's share (router and skipping's rewrite), and the MoE kernels' time with skipping over without."""
+    lines = ["", "Where the time goes (one decode run per engine and state, every MoE layer timed; mean over engines): "
+                 "MoE share of the run, skipping off -> on; routing (top-k and skipping's rewrite) share of the run, "
+                 "off -> on; MoE work excluding routing, on / off.", "",
+             "| shape | export | batch | MoE share off -> on | routing share off -> on | MoE work without routing on / off |",
+             "|---|---|---|---|---|---|"]
+    for shape, variants in results["shapes"].items():
+        for name, entry in variants.items():
+            if not entry.get("profiles"):
+                continue
+            for metric in ("decode_1", "decode_16"):
+                def mean(state: str, key: str) -> float:
+                    return statistics.mean(p[state][metric][key] for p in entry["profiles"])
+
+                share = {st: mean(st, "moe_s") / mean(st, "total_s") for st in ("off", "on")}
+                routing = {st: mean(st, "routing_s") / mean(st, "total_s") for st in ("off", "on")}
+                work = {st: mean(st, "moe_s") - mean(st, "routing_s") for st in ("off", "on")}
+                lines.append(f"| {shape} | {name} | {metric.split('_')[1]} | {share['off']:.2f} -> {share['on']:.2f} | "
+                             f"{routing['off']:.3f} -> {routing['on']:.3f} | {work['on'] / work['off']:.2f} |")
+    return lines
+
+
+def targets_lines(results: dict[str, Any]) -> list[str]:
+    """Issue 17's targets, judged on these figures, with the most skipping can give where the kernel keeps every
+    slot's row: the step's time cannot fall below the share of expert weights still read."""
+    lines = ["", "Targets (skipping alone >= 1.20x at batch 1 and 16; 50% pruning with skipping >= 1.28x the full "
+                 "model at batch 16). *At most*: 1 / experts read, the speed-up if the step did nothing but read "
+                 "expert weights:"]
+    for shape, variants in results["shapes"].items():
+        for name, entry in variants.items():
+            if "summary" not in entry:
+                continue
+            s = entry["summary"]
+            parts = []
+            if name.startswith("full"):
+                for b in ("1", "16"):
+                    r = s["skip_vs_off"][f"decode_{b}"]["ratio"]
+                    reads = statistics.mean(x[f"decode_{b}"] for x in entry["experts_reads"])
+                    parts.append(f"skipping alone b{b} {r:.2f}x ({'met' if r >= 1.2 else 'missed'}; at most "
+                                 f"{1 / reads:.2f}x)")
+            elif "skip_vs_full" in s:
+                r = s["skip_vs_full"]["decode_16"]["ratio"]
+                parts.append(f"50% pruning + skipping b16 {r:.2f}x the full model ({'met' if r >= 1.28 else 'missed'})")
+            lines.append(f"- {shape} {name}: " + "; ".join(parts))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -256,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tools.machine import cpu_name
 
     out = Path(args.out)
-    results: dict[str, Any] = {"command": "python -m benchmarks.serving_speed " + " ".join(argv),
+    results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.serving_speed", *argv]),
                                "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores", "vllm": vllm.__version__,
                                "layers": args.layers, "repeats": args.repeats,
                                "engine_rounds": args.engine_rounds, "new_tokens": args.new_tokens,
