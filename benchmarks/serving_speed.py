@@ -230,6 +230,7 @@ def _cell(r: dict[str, float]) -> str:
 
 def report(results: dict[str, Any]) -> str:
     title = ", skipped shares side by side" if results.get("skip_shares") else ""
+    title += f", {results['layers']} layers" if results["layers"] != 4 else ""
     lines = [f"## Speed in vLLM serving (CPU): recorded skipping through the plugin{title}", "",
              f"Measured by: `{results['command']}` on {results['machine']}, vLLM {results['vllm']}, fp32, eager "
              f"(`enforce_eager=True`), {results['layers']} decoder layers with the shapes of the speed section, "
@@ -238,12 +239,14 @@ def report(results: dict[str, Any]) -> str:
              f"8-token prompt at batch 1 and 16, prefill of one {results['prefill_tokens']}-token prompt. Ratios: "
              "median over all rounds (range). *skip / off*: the same engine with the plugin's skipping switched on and "
              "off in turn each round. *vs full*: against the full model's engine with skipping off, round i of one "
-             "engine against round i of the full model's engine started just before it. Skipped share: counted in the engine over a batch-16 decode (calibration "
-             "tokens' share in brackets). Experts read: distinct experts the fused kernel computes per layer and step with "
+             "engine against round i of the full model's engine started just before it. Skipped share: counted in "
+             "the engine over a batch-16 decode (calibration tokens' share in brackets). Experts read: distinct "
+             "experts the fused kernel computes per layer and step with "
              "skipping over those without it, counted in the engine (b1 / b16): in a memory-bound decode step the "
              "kernel's time follows this, not the skipped share, since a skipped slot's row moves to the token's top "
              "expert, which is computed anyway.", "",
-             "| shape | export | experts/layer | skipped share | experts read b1 / b16 | decode b1 tok/s off -> on | skip / off b1 | "
+             "| shape | export | experts/layer | skipped share | experts read b1 / b16 | decode b1 tok/s off -> on | "
+             "skip / off b1 | "
              "skip / off b16 | skip / off prefill | off vs full b16 | skip vs full b1 | skip vs full b16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape, variants in results["shapes"].items():
@@ -253,13 +256,15 @@ def report(results: dict[str, Any]) -> str:
                              " | | | | | | | |")
                 continue
             s = entry["summary"]
+            b1 = s["skip_vs_off"]["decode_1"]
             share = statistics.mean(entry.get("served_shares", [entry["served_share"]]))
             reads = {m: statistics.mean(r[m] for r in entry.get("experts_reads", [entry["experts_read"]]))
                      for m in ("decode_1", "decode_16")}
             vs_full = s.get("off_vs_full")
             lines.append(
                 f"| {shape} | {name} | {entry['experts']} | {share:.2f} "
-                f"({entry['calibrated_share']:.2f}) | {reads['decode_1']:.2f} / {reads['decode_16']:.2f} | {s['skip_vs_off']['decode_1']['tps'] / s['skip_vs_off']['decode_1']['ratio']:.1f} -> "
+                f"({entry['calibrated_share']:.2f}) | {reads['decode_1']:.2f} / {reads['decode_16']:.2f} | "
+                f"{b1['tps'] / b1['ratio']:.1f} -> "
                 f"{s['skip_vs_off']['decode_1']['tps']:.1f} | {_cell(s['skip_vs_off']['decode_1'])} | "
                 f"{_cell(s['skip_vs_off']['decode_16'])} | {_cell(s['skip_vs_off']['prefill'])} | "
                 + (f"{_cell(vs_full['decode_16'])} | {_cell(s['skip_vs_full']['decode_1'])} | "
@@ -273,7 +278,8 @@ def profile_lines(results: dict[str, Any]) -> list[str]:
     lines = ["", "Where the time goes (one decode run per engine and state, every MoE layer timed; mean over engines): "
                  "MoE share of the run, skipping off -> on; routing (top-k and skipping's rewrite) share of the run, "
                  "off -> on; MoE work excluding routing, on / off.", "",
-             "| shape | export | batch | MoE share off -> on | routing share off -> on | MoE work without routing on / off |",
+             "| shape | export | batch | MoE share off -> on | routing share off -> on | "
+             "MoE work without routing on / off |",
              "|---|---|---|---|---|---|"]
     for shape, variants in results["shapes"].items():
         for name, entry in variants.items():
@@ -367,7 +373,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving_speed.json").write_text(json.dumps(results, indent=2))
     if args.results:
-        write_section(Path(args.results), "serving_speed" + ("_shares" if args.skip_shares else ""), report(results))
+        name = ("serving_speed" + ("_shares" if args.skip_shares else "")
+                + (f"_layers_{args.layers}" if args.layers != 4 else ""))
+        write_section(Path(args.results), name, report(results))
     return results
 
 
