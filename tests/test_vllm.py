@@ -120,6 +120,7 @@ def test_the_serving_speed_benchmark_times_skipping_on_and_off_in_one_engine(tmp
     from benchmarks import serving_speed
 
     results = serving_speed.main(["--shapes", "mixtral", "--hidden", "256", "--layers", "2", "--repeats", "1",
+                                  "--engine-rounds", "2",
                                   "--new-tokens", "4", "--prefill-tokens", "64", "--out", str(tmp_path),
                                   "--results", str(tmp_path / "RESULTS.md")])
     full, pruned = results["shapes"]["mixtral"]["full"], results["shapes"]["mixtral"]["pruned_50"]
@@ -128,5 +129,6 @@ def test_the_serving_speed_benchmark_times_skipping_on_and_off_in_one_engine(tmp
     assert 0 < full["served_share"] < 1
     assert full["experts_read"]["decode_1"] < 1  # at batch 1 a skipped slot is an expert not read
     assert set(pruned["summary"]) == {"skip_vs_off", "off_vs_full", "skip_vs_full"}
-    assert all(len(v) == 1 for v in full["times"]["on"].values())
+    assert all(len(v) == 2 for v in full["times"]["on"].values()) and len(full["profiles"]) == 2  # both engines
+    assert all(0 < p["on"]["decode_1"]["moe_s"] < p["on"]["decode_1"]["total_s"] for p in full["profiles"])
     assert "| mixtral | pruned_50 | 4 |" in (tmp_path / "RESULTS.md").read_text()
