@@ -102,13 +102,12 @@ def _timed(spent: dict[str, float], key: str, fn: Any) -> Any:
 def _install_profile(model: Any, spent: dict[str, float]) -> int:
     """Time every fused-MoE layer's work and, within it, its routing (the router's ``select_experts``, skipping's
     rewrite included) into ``spent`` (on a CPU every op is synchronous, so wall time is where the time goes)."""
+    from diep_lightning.serving.vllm_models import fused_moe_layers
+
     layers = 0
-    for module in model.modules():
-        router = getattr(module, "router", None)
-        if router is None or not hasattr(module, "_forward_impl") or not hasattr(router, "select_experts"):
-            continue
+    for _, module in fused_moe_layers(model):
         module._forward_impl = _timed(spent, "moe", module._forward_impl)
-        router.select_experts = _timed(spent, "routing", router.select_experts)
+        module.router.select_experts = _timed(spent, "routing", module.router.select_experts)
         layers += 1
     return layers
 
@@ -208,13 +207,10 @@ def merge(entry: dict[str, Any], result: dict[str, Any]) -> None:
     entry["profiles"].append(result["profile"])
 
 
-def ratios(values: list[float], reference: list[float]) -> dict[str, float]:
-    r = [v / f for v, f in zip(values, reference)]
-    return {"tps": statistics.median(values), "ratio": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r)}
-
-
 def summarise(entry: dict[str, Any], full: dict[str, Any] | None) -> dict[str, Any]:
     """Skipping on against off in the same engine; against the full model's engine (skipping off) when ``full``."""
+    from benchmarks.speed import ratios
+
     times = entry["times"]
     out = {"skip_vs_off": {m: ratios(times["on"][m], times["off"][m]) for m in METRICS}}
     if full is not None:

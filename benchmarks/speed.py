@@ -268,14 +268,14 @@ def profile(model: Any, batch: int, new_tokens: int, device: torch.device) -> di
 
 def summarise(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """Per variant and metric: median tokens/s, and the median, min and max over rounds of its ratio to full."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for name, per_metric in times.items():
-        out[name] = {}
-        for metric, values in per_metric.items():
-            ratios = [v / f for v, f in zip(values, times["full"][metric])]
-            out[name][metric] = {"tps": statistics.median(values), "ratio": statistics.median(ratios),
-                                 "ratio_min": min(ratios), "ratio_max": max(ratios)}
-    return out
+    return {name: {metric: ratios(values, times["full"][metric]) for metric, values in per_metric.items()}
+            for name, per_metric in times.items()}
+
+
+def ratios(values: list[float], reference: list[float]) -> dict[str, float]:
+    """Median tokens/s of ``values``, and the median, min and max of their round-by-round ratios to ``reference``."""
+    r = [v / f for v, f in zip(values, reference)]
+    return {"tps": statistics.median(values), "ratio": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r)}
 
 
 def machine(device: torch.device) -> str:

@@ -46,23 +46,30 @@ def calibrate_block(family: MoEFamily, block: MoEBlock, observation: BlockObserv
     return {"gamma1": g1, "mean_cka": mean_cka, "gamma": gamma}
 
 
+class Thresholds:
+    """One layer's (N, N) skipping thresholds, cast once per device and dtype (not per routing call). A zero diagonal
+    keeps each token's top slot (w_e0 < 0 * w_e0 never holds) without a scatter per call."""
+
+    def __init__(self, gamma: torch.Tensor) -> None:
+        self.gamma = gamma.clone().fill_diagonal_(0.0)
+        self.cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def like(self, weights: torch.Tensor) -> torch.Tensor:
+        key = (weights.device, weights.dtype)
+        if key not in self.cast:
+            self.cast[key] = self.gamma.to(weights.device, weights.dtype)
+        return self.cast[key]
+
+
 class _SkipState:
-    """What one experts module needs to skip: its thresholds (cast once per device and dtype), the options, and
-    device-side counters that are only updated while statistics are asked for."""
+    """What one experts module needs to skip: its thresholds, the options, and device-side counters that are only
+    updated while statistics are asked for."""
 
     def __init__(self, group: InstalledSkipping, gamma: torch.Tensor, renormalize: bool, sentinel: bool) -> None:
-        # a zero diagonal keeps each token's top slot (w_e0 < 0 * w_e0 never holds) without a scatter per call
-        gamma = gamma.clone().fill_diagonal_(0.0)
-        self.group, self.gamma, self.renormalize, self.sentinel = group, gamma, renormalize, sentinel
-        self.cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.group, self.renormalize, self.sentinel = group, renormalize, sentinel
+        self.thresholds = Thresholds(gamma).like
         self.skipped: torch.Tensor | int = 0
         self.total = 0
-
-    def thresholds(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
-        if key not in self.cast:
-            self.cast[key] = self.gamma.to(like.device, like.dtype)
-        return self.cast[key]
 
 
 def skipped_slots(thresholds: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from diep_lightning.pruning import recorded_skipping
-from diep_lightning.skipping import skipped_slots, skipped_weights
+from diep_lightning.skipping import Thresholds, skipped_slots, skipped_weights
 
 #: the config field that turns recorded skipping off in an engine (``hf_overrides={"diep_skipping": False}``)
 SWITCH = "diep_skipping"
@@ -41,7 +41,7 @@ def layer_thresholds(record: dict[str, Any] | None, counts: list[int]) -> tuple[
         if thresholds.shape != (counts[layer], counts[layer]):
             raise ValueError(f"pruning.json: skipping thresholds of MoE layer {block} are {tuple(thresholds.shape)}, "
                              f"its decoder layer {layer} has {counts[layer]} experts")
-        out[layer] = thresholds.fill_diagonal_(0.0)
+        out[layer] = Thresholds(thresholds).gamma
     return out, skipping.renormalize
 
 
@@ -93,12 +93,13 @@ def redirect_skipped(thresholds: torch.Tensor, topk_weights: torch.Tensor, topk_
                      renormalize: bool = False, state: ServedSkipping | None = None,
                      layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(topk_weights, topk_ids)`` with every skipped slot sent to its token's top expert at weight 0 (the same
-    rule and weights as :func:`diep_lightning.skipping.install_skipping`); unchanged while ``state`` is switched
-    off, and counted into it while it counts."""
+    rule and weights as :func:`diep_lightning.skipping.install_skipping`; ``thresholds`` on the weights' device and
+    in their dtype, e.g. from :meth:`Thresholds.like`); unchanged while ``state`` is switched off, and counted into
+    it while it counts."""
     if state is not None and not state.enabled:
         return topk_weights, topk_ids
     ids = topk_ids.long()
-    skip, top_expert = skipped_slots(thresholds.to(topk_weights.dtype), ids, topk_weights)
+    skip, top_expert = skipped_slots(thresholds, ids, topk_weights)
     new_ids = torch.where(skip, top_expert, ids).to(topk_ids.dtype)
     if state is not None and state.counting:
         state.observe(layer, skip, topk_ids, new_ids)

@@ -16,6 +16,7 @@ import torch
 from diep_lightning.serving.plan import (EXPORTED, PADDABLE, SERVED, architecture, check_parallelism, layer_index,
                                         pad_attention_weights, padded_head_size, served_counts)
 from diep_lightning.serving.skipping import SWITCH, ServedSkipping, layer_thresholds, redirect_skipped
+from diep_lightning.skipping import Thresholds
 
 
 def _supported_head_sizes() -> list[int] | None:
@@ -63,13 +64,24 @@ def _padded_attention_class(module: Any, head_dim: int, padded: int) -> type:
     return PaddedAttention
 
 
-def _skipping_select(select: Any, thresholds: torch.Tensor, renormalize: bool, state: ServedSkipping,
+def _skipping_select(select: Any, thresholds: Thresholds, renormalize: bool, state: ServedSkipping,
                      layer: int) -> Any:
     def select_experts(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         topk_weights, topk_ids = select(*args, **kwargs)
-        return redirect_skipped(thresholds, topk_weights, topk_ids, renormalize, state, layer)
+        return redirect_skipped(thresholds.like(topk_weights), topk_weights, topk_ids, renormalize, state, layer)
 
     return select_experts
+
+
+def fused_moe_layers(model: Any) -> Any:
+    """``(decoder layer index, module)`` of each module of ``model`` that routes a fused MoE (a router and a layer
+    name)."""
+    from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+
+    for module in model.modules():
+        if isinstance(getattr(module, "router", None), FusedMoERouter) and isinstance(
+                getattr(module, "layer_name", None), str):
+            yield layer_index(module.layer_name), module
 
 
 def install_skipping(model: Any, model_config: Any, counts: list[int]) -> ServedSkipping:
@@ -81,7 +93,6 @@ def install_skipping(model: Any, model_config: Any, counts: list[int]) -> Served
             (a monolithic fused-MoE kernel takes router logits, so the recorded skipping could not apply).
     """
     from vllm.logger import init_logger
-    from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
     from vllm.transformers_utils.repo_utils import get_hf_file_to_dict
 
     from diep_lightning.export_dir import PRUNING_FILE
@@ -92,11 +103,7 @@ def install_skipping(model: Any, model_config: Any, counts: list[int]) -> Served
     record = get_hf_file_to_dict(PRUNING_FILE, model_config.model, getattr(model_config, "revision", None))
     thresholds, renormalize = layer_thresholds(record, counts)
     installed = []
-    for module in model.modules():
-        router, name = getattr(module, "router", None), getattr(module, "layer_name", None)
-        if not isinstance(router, FusedMoERouter) or not isinstance(name, str):
-            continue
-        layer = layer_index(name)
+    for layer, module in fused_moe_layers(model):
         if layer not in thresholds:
             continue
         if getattr(module, "is_monolithic", False):
@@ -104,8 +111,9 @@ def install_skipping(model: Any, model_config: Any, counts: list[int]) -> Served
                              f"skipping cannot apply; serve with --moe-backend triton to keep it, or with "
                              f"hf_overrides={{'{SWITCH}': False}} to serve without it")
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        router.select_experts = _skipping_select(router.select_experts, thresholds[layer].to(device), renormalize,
-                                                 state, layer)
+        module.router.select_experts = _skipping_select(module.router.select_experts,
+                                                        Thresholds(thresholds[layer].to(device)), renormalize, state,
+                                                        layer)
         installed.append(layer)
     missing = sorted(set(thresholds) - set(installed))
     if missing:
