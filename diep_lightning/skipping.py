@@ -4,8 +4,8 @@ relative to the token's top expert, by a per-layer, per-pair threshold calibrate
 For a token whose top expert is e0, another chosen expert e is skipped when ``w_e < gamma(e0, e) * w_e0``
 with ``gamma = gamma1 * gamma2``: gamma1 is the median of ``w_e / w_e0`` over calibration tokens (for top-k > 2
 every non-top choice is compared with the top one), and ``gamma2(e0, e) = CKA(e0, e) / mean pairwise CKA``
-(experts that compute alike are skipped more readily). Skipped slots are routed to a sentinel index that the
-experts forward never computes, so the work really disappears (:func:`install_skipping`).
+(experts that compute alike are skipped more readily). Skipped slots are sorted past the last expert, so the
+experts forward never computes them and the work really disappears (:func:`install_skipping`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ from diep_lightning.calibration import BlockObservation, cka_matrix, expert_outp
 from diep_lightning.families import MoEBlock, MoEFamily, get_family
 from diep_lightning.families.base import HookGroup
 from diep_lightning.pruning import SkipRecord, recorded_skipping
+
+try:  # transformers' grouped matmul dispatch (CPU alignment and GPU capability fallbacks included)
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # a transformers without it: the stock experts forward with sentinel ids
+    _grouped_linear = None
 
 
 def gamma1(observation: BlockObservation) -> float:
@@ -94,10 +99,49 @@ def skip_mask(state: _SkipState, idx: torch.Tensor, w: torch.Tensor) -> torch.Te
     return skipped_slots(state.thresholds(w), idx, w)[0]
 
 
+@torch.no_grad()
+def grouped_mm_skipping(experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                        skip: torch.Tensor) -> torch.Tensor:
+    """transformers' ``grouped_mm`` experts forward with the skipped slots sorted past the last expert, so the
+    grouped matmuls never compute them. Their rows are left uninitialised and overwritten once, after the rows are
+    put back in token order: four kernels on top of the unskipped forward where the stock sentinel path costs
+    eleven, which is what a launch-bound decode step pays for. Inference only (autograd would see those rows)."""
+    n, k = experts.num_experts, idx.shape[-1]
+    ids, perm = torch.sort(torch.where(skip, n, idx).reshape(-1))
+    rows = hidden[perm // k]
+    # histc (not bincount) keeps the shapes static; CPU takes float input, CUDA int (as in transformers)
+    counts = torch.histc(ids.float() if hidden.device.type in ("cpu", "mps") else ids.int(), bins=n, min=0, max=n - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    if experts.has_bias:
+        ids = ids.clamp(max=n - 1)  # skipped rows take the last expert's bias: rows the matmuls leave out anyway
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        bias = getattr(experts, f"{name}_bias")[ids] if experts.has_bias else None
+        return _grouped_linear(x, getattr(experts, name), offsets, bias=bias, is_transposed=experts.is_transposed)
+
+    if experts.has_gate:
+        out = experts._apply_gate(linear(rows, "gate_up_proj"))
+    else:
+        out = experts.act_fn(linear(rows, "up_proj"))
+    out = linear(out, "down_proj")
+    if experts.has_post_expert_norm:
+        out = experts.post_expert_norm(out)
+    ordered = torch.empty_like(out).index_copy_(0, perm, out).view(*idx.shape, -1)
+    ordered.masked_fill_(skip.unsqueeze(-1), 0.0)
+    return (ordered * w.unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
+
+
+def _lean(module: nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether :func:`grouped_mm_skipping` serves this call: transformers' grouped_mm kernel, no autograd."""
+    return (_grouped_linear is not None and not torch.is_grad_enabled() and hidden.dim() == 2
+            and getattr(getattr(module, "config", None), "_experts_implementation", None) == "grouped_mm")
+
+
 def _skipping_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                       *rest: Any) -> torch.Tensor:
-    """The experts forward with skipping (bound to one experts module): skipped slots get the sentinel id N and
-    weight 0, and the family's own experts implementation (grouped_mm, eager) leaves sentinel rows uncomputed.
+    """The experts forward with skipping (bound to one experts module). With transformers' grouped_mm kernel at
+    inference, :func:`grouped_mm_skipping`; otherwise skipped slots get the sentinel id N and weight 0, and the
+    family's own experts implementation (grouped_mm, eager) leaves sentinel rows uncomputed.
 
     No host synchronisation: the mask, the rewrite and the optional counters all stay on the device."""
     stock = type(self).forward
@@ -109,6 +153,8 @@ def _skipping_forward(self: nn.Module, hidden: torch.Tensor, top_k_index: torch.
     if state.group.counting:
         state.skipped = state.skipped + skip.sum()
         state.total += skip.numel()
+    if not rest and _lean(self, hidden):
+        return grouped_mm_skipping(self, hidden, idx, skipped_weights(w, skip, True) if state.renormalize else w, skip)
     new_w = skipped_weights(w, skip, state.renormalize)
     if not state.sentinel:  # weight 0 only: exact, but the slot is still computed
         return stock(self, hidden, idx, new_w, *rest)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import fit_args
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diep_lightning import load_pruned
 from diep_lightning.callbacks import GlobalExpertPruning, SkipCalibration
@@ -200,3 +201,65 @@ def test_share_finds_the_strength_that_skips_it():
     assert abs(sum(s for s, _ in stats.values()) / sum(t for _, t in stats.values()) - reached) < 1e-6
     with pytest.raises(ValueError, match="share: 0.6 is more than skipping can skip"):
         calibrate_skipping(tiny_model("mixtral"), batches, share=0.6)  # top-2: half the slots at most
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched (each a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _logits_and_ops(model, tokens=TOKENS):
+    with torch.no_grad(), _OpCounter() as counter:
+        logits = model(tokens).logits
+    return logits, counter.ops
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_grouped_mm_skipping_equals_the_sentinel_path_with_fewer_kernels(model_type, dtype, renormalize, monkeypatch):
+    """The lean grouped_mm forward gives the stock sentinel path's output bit for bit, and adds at most half the
+    operations that path adds per MoE layer over unskipped decoding (launches are what a GPU decode step pays)."""
+    model = tiny_model(model_type).to(dtype)
+    assert model.config._experts_implementation == "grouped_mm"
+    blocks = get_family(model).blocks(model)
+    gammas = {b.index: 2 * torch.rand(b.num_experts, b.num_experts, generator=torch.Generator().manual_seed(b.index))
+              for b in blocks}
+    skipping = install_skipping(model, gammas, renormalize=renormalize, count=True)
+    _logits(model)
+    stats = skipping.stats
+    assert 0 < sum(s for s, _ in stats.values()) < sum(t for _, t in stats.values()), stats  # some skipped, not all
+    skipping.counting = False
+    lean, lean_ops = _logits_and_ops(model)
+    import diep_lightning.skipping as skipping_module
+
+    monkeypatch.setattr(skipping_module, "_grouped_linear", None)  # the stock experts forward with sentinel ids
+    stock, stock_ops = _logits_and_ops(model)
+    monkeypatch.undo()
+    assert torch.equal(lean, stock)
+    with skipping.disabled():
+        plain, plain_ops = _logits_and_ops(model)
+    assert not torch.equal(lean, plain)
+    if not renormalize:  # rescaling the survivors costs the same operations on either path
+        assert (lean_ops - plain_ops) * 2 <= stock_ops - plain_ops, (lean_ops, stock_ops, plain_ops)
+
+
+def test_skipping_with_autograd_keeps_the_stock_forward():
+    """With gradients on, the sentinel rows the lean forward leaves uninitialised would reach the gradient: the
+    stock experts forward (which masks them) serves those calls, with the same output."""
+    model = tiny_model("mixtral")
+    blocks = get_family(model).blocks(model)
+    install_skipping(model, {b.index: torch.full((8, 8), 0.5) for b in blocks})
+    inference = _logits(model)
+    trained = model(TOKENS).logits
+    trained.sum().backward()
+    torch.testing.assert_close(trained.detach(), inference, rtol=1e-6, atol=1e-6)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
