@@ -263,3 +263,19 @@ def test_skipping_with_autograd_keeps_the_stock_forward():
     torch.testing.assert_close(trained.detach(), inference, rtol=1e-6, atol=1e-6)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_skipping_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) takes a model with skipping installed (the route around a GPU's per-kernel launch
+    cost in eager decoding), computes what eager skipping computes, and follows the on/off switch."""
+    model = tiny_model("mixtral")
+    blocks = get_family(model).blocks(model)
+    skipping = install_skipping(model, {b.index: torch.full((8, 8), 0.5) for b in blocks})
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager_on = model(TOKENS).logits
+        torch.testing.assert_close(compiled(TOKENS).logits, eager_on, rtol=1e-4, atol=1e-4)
+        with skipping.disabled():
+            eager_off = model(TOKENS).logits
+            torch.testing.assert_close(compiled(TOKENS).logits, eager_off, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(eager_on, eager_off, rtol=1e-4, atol=1e-4)
