@@ -305,3 +305,21 @@ def test_skip_strength_benchmark_smoke(tmp_path):
     assert "<!-- skip_strength:begin -->" in text and "- strength 2: BLiMP lost at most" in text
     with pytest.raises(SystemExit):
         skip_strength.main(["--strengths", "1,-2"])
+
+
+def test_skip_overhead_benchmark_smoke(tmp_path, capsys):
+    """The overhead-bound skipping benchmark on a shipped model: both skipping paths timed against none, the lean
+    one adding fewer operations per MoE layer; a bad model path is refused in one line."""
+    from benchmarks import skip_overhead
+
+    results_md = tmp_path / "RESULTS.md"
+    results = skip_overhead.main(["--models", str(REPO / "models" / "tiny-mixtral"), "--rounds", "1",
+                                  "--new-tokens", "2", "--out", str(tmp_path / "o.json"), "--results", str(results_md)])
+    res = results["models"]["tiny-mixtral"]
+    assert 0 < res["skipped_share"] < 0.5
+    assert 0 < res["ops_per_layer"]["lean"] < res["ops_per_layer"]["sentinel"]
+    assert set(res["summary"]) == {"off", "lean", "sentinel"} and res["summary"]["lean"]["batch_16"]["tps"] > 0
+    assert "<!-- skip_overhead:begin -->" in results_md.read_text()
+    with pytest.raises(SystemExit):
+        skip_overhead.main(["--models", str(tmp_path / "nothing")])
+    assert "--models: no model" in capsys.readouterr().err

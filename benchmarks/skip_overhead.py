@@ -1,0 +1,176 @@
+"""What skipping costs where a decode step is bound by per-operation overhead (as a GPU's eager decode is by kernel
+launches): the lean grouped_mm path against the stock experts forward with sentinel ids, both against no skipping.
+
+    python -m benchmarks.skip_overhead                     # the shipped models: RESULTS.md section "skip_overhead"
+    python -m benchmarks.skip_overhead --models models/tiny-mixtral --rounds 3 --results ''   # a quick look
+
+Per model: skipping calibrated with the paper's rule on calibration text; then, in each round, greedy decode with
+skipping off, on through the lean path and on through the sentinel path, one after another in the same process
+(each ratio is to that round's run without skipping). Also the ATen operations each MoE layer adds per decode step
+(counted with a dispatch mode: on a GPU, each is a kernel launch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.sections import write_section
+from benchmarks.speed import machine, ratios
+
+REPO = Path(__file__).resolve().parents[1]
+PATHS = ("off", "lean", "sentinel")
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Path:
+    """Skipping off, on (lean), or on through the stock sentinel path, for one model."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        self.model, self.name = model, name
+
+    def __enter__(self) -> None:
+        import diep_lightning.skipping as skipping
+
+        self.saved = skipping._grouped_linear
+        if self.name == "sentinel":
+            skipping._grouped_linear = None
+        self.model.diep_skipping.enabled = self.name != "off"
+
+    def __exit__(self, *exc: Any) -> None:
+        import diep_lightning.skipping as skipping
+
+        skipping._grouped_linear = self.saved
+        self.model.diep_skipping.enabled = True
+
+
+def calibration_batches(vocab: int, tokens: int = 4096) -> list[dict[str, torch.Tensor]]:
+    """Fixed random ids: what is timed is the cost per operation, which the text does not change."""
+    gen = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(3, vocab, (4, tokens // 4), generator=gen)}]
+
+
+@torch.no_grad()
+def decode_tps(model: Any, batch: int, new_tokens: int, prompt_len: int = 16) -> float:
+    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
+    start = time.perf_counter()
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def ops_per_layer(model: Any, layers: int) -> dict[str, float]:
+    """ATen operations one decode step adds per MoE layer over no skipping, for each skipping path."""
+    prompt = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4))
+    out = model(prompt, use_cache=True)
+    step = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(5))
+    counts = {}
+    for name in PATHS:
+        with _Path(model, name), _OpCounter() as counter:
+            model(step, past_key_values=out.past_key_values, use_cache=True)
+        counts[name] = counter.ops
+    return {name: (counts[name] - counts["off"]) / layers for name in PATHS if name != "off"}
+
+
+def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from diep_lightning.families import get_family
+    from diep_lightning.skipping import calibrate_skipping
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    skipping = calibrate_skipping(model, calibration_batches(model.config.vocab_size))
+    layers = len(get_family(model).blocks(model))
+    for batch in (1, 16):  # warm-up: first calls pay allocation
+        for name in PATHS:
+            with _Path(model, name):
+                decode_tps(model, batch, 4)
+    times: dict[str, dict[str, list[float]]] = {name: {"batch_1": [], "batch_16": []} for name in PATHS}
+    for r in range(args.rounds):
+        order = PATHS[r % 3:] + PATHS[:r % 3]  # each round starts from another path
+        for batch in (1, 16):
+            for name in order:
+                with _Path(model, name):
+                    times[name][f"batch_{batch}"].append(decode_tps(model, batch, args.new_tokens))
+        print(f"   round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{n} {times[n]['batch_1'][-1]:.0f}/{times[n]['batch_16'][-1]:.0f}" for n in PATHS), flush=True)
+    shares = list(skipping.skipped_fraction.values())
+    return {"skipped_share": sum(shares) / len(shares), "moe_layers": layers, "ops_per_layer": ops_per_layer(model, layers),
+            "summary": {n: {m: ratios(v, times["off"][m]) for m, v in per.items()} for n, per in times.items()}}
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = ["## Skipping's cost where decoding is overhead-bound", "",
+             f"Measured by: `{results['command']}` on {results['machine']}. The shipped tiny models (a decode step is "
+             "per-operation overhead, as a GPU's eager decode is kernel launches), skipping calibrated with the paper's "
+             f"rule; greedy decode of {results['new_tokens']} tokens, {results['rounds']} rounds, each timing skipping "
+             "off, on (lean grouped_mm path) and on through the stock experts forward with sentinel ids one after "
+             "another (each round starting from another); ratios to the same round's run without skipping: median "
+             "[min-max]. Operations: ATen operations a decode step adds per MoE layer over no skipping.", "",
+             "| model | skipped share | lean b1 | lean b16 | sentinel b1 | sentinel b16 | operations lean / sentinel |",
+             "|---|---|---|---|---|---|---|"]
+    for name, res in results["models"].items():
+        s = res["summary"]
+
+        def cell(path: str, metric: str) -> str:
+            r = s[path][metric]
+            return f"{r['ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]"
+
+        ops = res["ops_per_layer"]
+        lines.append(f"| {name} | {res['skipped_share']:.2f} | {cell('lean', 'batch_1')} | {cell('lean', 'batch_16')} | "
+                     f"{cell('sentinel', 'batch_1')} | {cell('sentinel', 'batch_16')} | "
+                     f"{ops['lean']:.0f} / {ops['sentinel']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.skip_overhead", description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
+                                        "models/tiny-qwen3-deep")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "skip_overhead.json"))
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
+                    help="RESULTS.md to put the section into ('' for none)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds: must be >= 1, got {args.rounds}")
+    models = [m for m in args.models.split(",") if m]
+    missing = [m for m in models if not (Path(m) / "config.json").is_file()]
+    if missing:
+        ap.error(f"--models: no model (config.json) at {', '.join(missing)}")
+    torch.set_num_threads(args.threads)
+    shown = argv if argv is not None else sys.argv[1:]
+    results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.skip_overhead", *shown]),
+                               "machine": machine(torch.device("cpu")), "rounds": args.rounds,
+                               "new_tokens": args.new_tokens, "models": {}}
+    for model_dir in models:
+        print(f"== {model_dir}", flush=True)
+        results["models"][Path(model_dir).name] = run_model(model_dir, args)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.results:
+        write_section(Path(args.results), "skip_overhead", report(results))
+    print(report(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
