@@ -3,6 +3,7 @@ launches): the lean grouped_mm path against the stock experts forward with senti
 
     python -m benchmarks.skip_overhead                     # the shipped models: RESULTS.md section "skip_overhead"
     python -m benchmarks.skip_overhead --models models/tiny-mixtral --rounds 3 --results ''   # a quick look
+    python -m benchmarks.skip_overhead --models mixtral,qwen3 --rounds 5   # benchmarks.speed's real layer shapes
 
 Per model: skipping calibrated with the paper's rule on calibration text; then, in each round, greedy decode with
 skipping off, on through the lean path and on through the sentinel path, one after another in the same process
@@ -89,13 +90,22 @@ def ops_per_layer(model: Any, layers: int) -> dict[str, float]:
     return {name: (counts[name] - counts["off"]) / layers for name in PATHS if name != "off"}
 
 
-def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+def load(model: str) -> Any:
+    """A shipped model's folder, or a shape name of ``benchmarks.speed`` (random weights, 4 layers, fp32)."""
     from transformers import AutoModelForCausalLM
 
+    from benchmarks.speed import SHAPES, build
+
+    if model in SHAPES:
+        return build(model, layers=4, vocab=2048, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model).eval()
+
+
+def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     from diep_lightning.families import get_family
     from diep_lightning.skipping import calibrate_skipping
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = load(model_dir)
     skipping = calibrate_skipping(model, calibration_batches(model.config.vocab_size))
     layers = len(get_family(model).blocks(model))
     for batch in (1, 16):  # warm-up: first calls pay allocation
@@ -117,9 +127,17 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = ["## Skipping's cost where decoding is overhead-bound", "",
-             f"Measured by: `{results['command']}` on {results['machine']}. The shipped tiny models (a decode step is "
-             "per-operation overhead, as a GPU's eager decode is kernel launches), skipping calibrated with the paper's "
+    from benchmarks.speed import SHAPES
+
+    if any(name in SHAPES for name in results["models"]):
+        title, what = ("Skipping's cost at real layer shapes, lean and sentinel paths side by side",
+                       "Random-weight models of benchmarks.speed's shapes (4 decoder layers, fp32)")
+    else:
+        title, what = ("Skipping's cost where decoding is overhead-bound",
+                       "The shipped tiny models (a decode step is per-operation overhead, as a GPU's eager decode is "
+                       "kernel launches)")
+    lines = [f"## {title}", "",
+             f"Measured by: `{results['command']}` on {results['machine']}. {what}, skipping calibrated with the paper's "
              f"rule; greedy decode of {results['new_tokens']} tokens, {results['rounds']} rounds, each timing skipping "
              "off, on (lean grouped_mm path) and on through the stock experts forward with sentinel ids one after "
              "another (each round starting from another); ratios to the same round's run without skipping: median "
@@ -143,7 +161,8 @@ def report(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.skip_overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
-                                        "models/tiny-qwen3-deep")
+                                        "models/tiny-qwen3-deep",
+                    help="comma-separated model folders, or shapes of benchmarks.speed (mixtral, qwen3)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -154,9 +173,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.rounds < 1:
         ap.error(f"--rounds: must be >= 1, got {args.rounds}")
     models = [m for m in args.models.split(",") if m]
-    missing = [m for m in models if not (Path(m) / "config.json").is_file()]
+    from benchmarks.speed import SHAPES
+
+    missing = [m for m in models if m not in SHAPES and not (Path(m) / "config.json").is_file()]
     if missing:
-        ap.error(f"--models: no model (config.json) at {', '.join(missing)}")
+        ap.error(f"--models: no model (config.json) at {', '.join(missing)}; or a shape of {', '.join(SHAPES)}")
+    shapes = [m for m in models if m in SHAPES]
     torch.set_num_threads(args.threads)
     shown = argv if argv is not None else sys.argv[1:]
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.skip_overhead", *shown]),
@@ -167,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["models"][Path(model_dir).name] = run_model(model_dir, args)
         Path(args.out).write_text(json.dumps(results, indent=1))
     if args.results:
-        write_section(Path(args.results), "skip_overhead", report(results))
+        write_section(Path(args.results), "skip_overhead" + ("_shapes" if shapes else ""), report(results))
     print(report(results))
     return results
 

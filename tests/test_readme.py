@@ -23,6 +23,7 @@ COVERED_ELSEWHERE = {
     "python -m benchmarks.speed": "tests/test_benchmark_smoke.py::test_speed_benchmark_smoke",
     "python -m benchmarks.search_cost": "tests/test_benchmark_smoke.py::test_search_cost_benchmark_smoke",
     "python -m benchmarks.skip_strength": "tests/test_benchmark_smoke.py::test_skip_strength_benchmark_smoke",
+    "python -m benchmarks.skip_overhead": "tests/test_benchmark_smoke.py::test_skip_overhead_benchmark_smoke",
     "python -m pytest": ".ci/run",
     "vllm serve": "tests/test_vllm.py::test_every_served_family_serves_a_global_export_with_transformers_tokens",  # vllm.LLM, in the vLLM venv
 }
