@@ -124,7 +124,7 @@ def grouped_mm_skipping(experts: nn.Module, hidden: torch.Tensor, idx: torch.Ten
     else:
         out = experts.act_fn(linear(rows, "up_proj"))
     out = linear(out, "down_proj")
-    if experts.has_post_expert_norm:
+    if getattr(experts, "has_post_expert_norm", False):  # older transformers lack the flag
         out = experts.post_expert_norm(out)
     ordered = torch.empty_like(out).index_copy_(0, perm, out).view(*idx.shape, -1)
     ordered.masked_fill_(skip.unsqueeze(-1), 0.0)
