@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.sections import write_section
+from benchmarks import speed
 from benchmarks.speed import machine, ratios
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = ("off", "lean", "sentinel")
 
 
-class _OpCounter(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched (each a kernel launch on a GPU)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
@@ -47,18 +49,11 @@ class _Path:
         self.model, self.name = model, name
 
     def __enter__(self) -> None:
-        import diep_lightning.skipping as skipping
-
-        self.saved = skipping._grouped_linear
-        if self.name == "sentinel":
-            skipping._grouped_linear = None
+        self.model.diep_skipping.lean = self.name != "sentinel"
         self.model.diep_skipping.enabled = self.name != "off"
 
     def __exit__(self, *exc: Any) -> None:
-        import diep_lightning.skipping as skipping
-
-        skipping._grouped_linear = self.saved
-        self.model.diep_skipping.enabled = True
+        self.model.diep_skipping.lean = self.model.diep_skipping.enabled = True
 
 
 def calibration_batches(vocab: int, tokens: int = 4096) -> list[dict[str, torch.Tensor]]:
@@ -67,13 +62,8 @@ def calibration_batches(vocab: int, tokens: int = 4096) -> list[dict[str, torch.
     return [{"input_ids": torch.randint(3, vocab, (4, tokens // 4), generator=gen)}]
 
 
-@torch.no_grad()
-def decode_tps(model: Any, batch: int, new_tokens: int, prompt_len: int = 16) -> float:
-    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
-    start = time.perf_counter()
-    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return batch * new_tokens / (time.perf_counter() - start)
+def decode_tps(model: Any, batch: int, new_tokens: int) -> float:
+    return speed.decode_tps(model, batch, new_tokens, torch.device("cpu"), prompt_len=16)
 
 
 @torch.no_grad()
@@ -84,7 +74,7 @@ def ops_per_layer(model: Any, layers: int) -> dict[str, float]:
     step = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(5))
     counts = {}
     for name in PATHS:
-        with _Path(model, name), _OpCounter() as counter:
+        with _Path(model, name), OpCounter() as counter:
             model(step, past_key_values=out.past_key_values, use_cache=True)
         counts[name] = counter.ops
     return {name: (counts[name] - counts["off"]) / layers for name in PATHS if name != "off"}

@@ -133,7 +133,8 @@ def grouped_mm_skipping(experts: nn.Module, hidden: torch.Tensor, idx: torch.Ten
 
 def _lean(module: nn.Module, hidden: torch.Tensor) -> bool:
     """Whether :func:`grouped_mm_skipping` serves this call: transformers' grouped_mm kernel, no autograd."""
-    return (_grouped_linear is not None and not torch.is_grad_enabled() and hidden.dim() == 2
+    return (module.diep_skip.group.lean and _grouped_linear is not None and not torch.is_grad_enabled()
+            and hidden.dim() == 2
             and getattr(getattr(module, "config", None), "_experts_implementation", None) == "grouped_mm")
 
 
@@ -172,11 +173,14 @@ class InstalledSkipping(HookGroup):
     Attributes:
         counting: while True, every call adds its skipped and total slots to :attr:`stats` (off by default: no
             work beyond the skipping itself).
+        lean: whether :func:`grouped_mm_skipping` may serve (False: always the stock experts forward with sentinel
+            ids, the same output; for comparisons).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.counting = False
+        self.lean = True
         self.modules: dict[int, nn.Module] = {}
 
     @property

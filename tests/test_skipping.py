@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import fit_args
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.skip_overhead import OpCounter
 from diep_lightning import load_pruned
 from diep_lightning.callbacks import GlobalExpertPruning, SkipCalibration
 from diep_lightning.families import get_family
@@ -203,20 +203,8 @@ def test_share_finds_the_strength_that_skips_it():
         calibrate_skipping(tiny_model("mixtral"), batches, share=0.6)  # top-2: half the slots at most
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched (each a kernel launch on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _logits_and_ops(model, tokens=TOKENS):
-    with torch.no_grad(), _OpCounter() as counter:
+    with torch.no_grad(), OpCounter() as counter:
         logits = model(tokens).logits
     return logits, counter.ops
 
@@ -224,7 +212,7 @@ def _logits_and_ops(model, tokens=TOKENS):
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
-def test_grouped_mm_skipping_equals_the_sentinel_path_with_fewer_kernels(model_type, dtype, renormalize, monkeypatch):
+def test_grouped_mm_skipping_equals_the_sentinel_path_with_fewer_kernels(model_type, dtype, renormalize):
     """The lean grouped_mm forward gives the stock sentinel path's output bit for bit, and adds at most half the
     operations that path adds per MoE layer over unskipped decoding (launches are what a GPU decode step pays)."""
     model = tiny_model(model_type).to(dtype)
@@ -238,11 +226,9 @@ def test_grouped_mm_skipping_equals_the_sentinel_path_with_fewer_kernels(model_t
     assert 0 < sum(s for s, _ in stats.values()) < sum(t for _, t in stats.values()), stats  # some skipped, not all
     skipping.counting = False
     lean, lean_ops = _logits_and_ops(model)
-    import diep_lightning.skipping as skipping_module
-
-    monkeypatch.setattr(skipping_module, "_grouped_linear", None)  # the stock experts forward with sentinel ids
+    skipping.lean = False  # the stock experts forward with sentinel ids
     stock, stock_ops = _logits_and_ops(model)
-    monkeypatch.undo()
+    skipping.lean = True
     assert torch.equal(lean, stock)
     with skipping.disabled():
         plain, plain_ops = _logits_and_ops(model)
