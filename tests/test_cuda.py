@@ -102,3 +102,17 @@ def test_search_prune_skip_and_export_run_on_the_gpu_in_bf16(tiny_mixtral_dir, t
     ids = torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(1)).to(CUDA)
     out = loaded.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 16) and out.device.type == "cuda"
+
+
+def test_a_host_memory_teacher_cache_gives_the_same_search_on_the_gpu(tiny_mixtral_dir, tmp_path):
+    """The cache kept in host memory reaches the GPU through pinned memory, with the same values as a cache kept on
+    the GPU."""
+    states = {}
+    for where in ("model", "cpu"):
+        root = tmp_path / where
+        cli = main(fit_args(tiny_mixtral_dir, str(root), "--trainer.accelerator=gpu",
+                            f"--model.teacher_cache_device={where}", epochs=2))
+        assert len(cli.model._teacher_cache) == 16
+        states[where] = cli.model.trainable_state_dict()
+    for key, value in states["model"].items():
+        torch.testing.assert_close(states["cpu"][key], value, atol=1e-6, rtol=0)

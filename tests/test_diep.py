@@ -189,3 +189,53 @@ def test_a_search_without_a_logger_skips_the_per_layer_metrics(tiny_mixtral_dir,
     trainer.fit(module, data)
     assert "train/loss_step" in trainer.callback_metrics
     assert not any(k.startswith(("beta/", "alpha_entropy/")) for k in trainer.callback_metrics)
+
+
+def test_sample_ids_stay_on_the_host_and_a_step_reads_them_once(tiny_mixtral_dir, tmp_path):
+    """The teacher cache is looked up by sample id every step; ids on an accelerator would cost a device wait per
+    sample. The batch moves without them, and a step's host reads (``.item()``-like ops, a device wait each when
+    the tensor is on a GPU) do not grow with the batch."""
+    import lightning.pytorch as pl
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from diep_lightning.data import CalibrationDataModule
+
+    module = DiEPModule(tiny_mixtral_dir)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "sample_index": torch.arange(2)}
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["input_ids"].device.type == "meta" and moved["sample_index"].device.type == "cpu"
+
+    class Reads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.reads += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    class CountSecondEpoch(pl.Callback):  # the teacher comes from the cache from the second epoch on
+        reads: list[int] = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                self.mode = Reads().__enter__()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                self.mode.__exit__(None, None, None)
+                self.reads.append(self.mode.reads)
+
+    counts = {}
+    for batch_size in (2, 8):
+        counter = CountSecondEpoch()
+        counter.reads = []
+        data = CalibrationDataModule(tokenizer=tiny_mixtral_dir, num_samples=8, seq_len=16, batch_size=batch_size)
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                             callbacks=[counter])
+        module = DiEPModule(tiny_mixtral_dir)
+        trainer.fit(module, data)
+        assert len(module._teacher_cache) == 8
+        counts[batch_size] = max(counter.reads)  # an alpha step (Adam reads its step counter, a host tensor)
+    assert counts[2] == counts[8], counts

@@ -214,22 +214,37 @@ class DiEPModule(FrozenMoEModule):
         samples = len(source) if source is not None and hasattr(source, "__len__") else 0
         return per_sample * samples <= self.hparams.teacher_cache_gb * 2**30
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Everything but the sample ids goes to the device: the ids only index the teacher cache on the host, and
+        reading them back from an accelerator would wait for it every step."""
+        if isinstance(batch, dict) and "sample_index" in batch:
+            rest = {k: v for k, v in batch.items() if k != "sample_index"}
+            return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "sample_index": batch["sample_index"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
         """The unscaled model's matched outputs for the batch, from the per-sample cache when it has them."""
         index = batch.get("sample_index")
-        if index is not None and self._teacher_cache and all(int(i) in self._teacher_cache for i in index):
-            rows = [self._teacher_cache[int(i)] for i in index]
-            return {key: torch.stack([row[key] for row in rows]).to(self.device, non_blocking=True)
-                    for key in rows[0]}
+        ids = index.tolist() if index is not None else None  # one read of the ids (host-side: no device wait)
+        if ids is not None and self._teacher_cache and all(i in self._teacher_cache for i in ids):
+            rows = [self._teacher_cache[i] for i in ids]
+            return {key: self._to_device(torch.stack([row[key] for row in rows])) for key in rows[0]}
         with torch.no_grad(), self._scaling.disabled():
             _, teacher = self._run(batch, with_labels=False)
         teacher = {k: v.detach() for k, v in teacher.items()}
-        if index is not None and self._cache_fits(batch, teacher):
+        if ids is not None and self._cache_fits(batch, teacher):
             host = self.hparams.teacher_cache_device == "cpu"
-            for row, i in enumerate(index.tolist()):
+            for row, i in enumerate(ids):
                 self._teacher_cache[i] = {k: v[row].to("cpu", copy=True) if host else v[row].clone()
                                           for k, v in teacher.items()}
         return teacher
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Copy a host-cached tensor to the model's GPU without waiting: a copy from pageable memory would first
+        wait for every queued kernel, so it goes through pinned memory."""
+        if tensor.device.type == "cpu" and self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """CE of the student, reconstruction against the teacher, and their weighted sum."""
