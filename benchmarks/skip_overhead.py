@@ -4,6 +4,7 @@ launches): the lean grouped_mm path against the stock experts forward with senti
     python -m benchmarks.skip_overhead                     # the shipped models: RESULTS.md section "skip_overhead"
     python -m benchmarks.skip_overhead --models models/tiny-mixtral --rounds 3 --results ''   # a quick look
     python -m benchmarks.skip_overhead --models mixtral,qwen3 --rounds 5   # benchmarks.speed's real layer shapes
+    python -m benchmarks.skip_overhead --models mixtral,qwen3 --compile    # the decode step compiled, as servers run it
 
 Per model: skipping calibrated with the paper's rule on calibration text; then, in each round, greedy decode with
 skipping off, on through the lean path and on through the sentinel path, one after another in the same process
@@ -62,16 +63,17 @@ def calibration_batches(vocab: int, tokens: int = 4096) -> list[dict[str, torch.
     return [{"input_ids": torch.randint(3, vocab, (4, tokens // 4), generator=gen)}]
 
 
-def decode_tps(model: Any, batch: int, new_tokens: int) -> float:
-    return speed.decode_tps(model, batch, new_tokens, torch.device("cpu"), prompt_len=16)
+def decode_tps(model: Any, batch: int, new_tokens: int, args: argparse.Namespace) -> float:
+    return speed.decode_tps(model, batch, new_tokens, torch.device(args.device), prompt_len=16, compiled=args.compile)
 
 
 @torch.no_grad()
 def ops_per_layer(model: Any, layers: int) -> dict[str, float]:
     """ATen operations one decode step adds per MoE layer over no skipping, for each skipping path."""
-    prompt = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4))
+    device = next(model.parameters()).device
+    prompt = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4)).to(device)
     out = model(prompt, use_cache=True)
-    step = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(5))
+    step = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(5)).to(device)
     counts = {}
     for name in PATHS:
         with _Path(model, name), OpCounter() as counter:
@@ -80,52 +82,67 @@ def ops_per_layer(model: Any, layers: int) -> dict[str, float]:
     return {name: (counts[name] - counts["off"]) / layers for name in PATHS if name != "off"}
 
 
-def load(model: str) -> Any:
-    """A shipped model's folder, or a shape name of ``benchmarks.speed`` (random weights, 4 layers, fp32)."""
+def load(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """A shipped model's folder, or a shape name of ``benchmarks.speed`` (random weights, 4 layers)."""
     from transformers import AutoModelForCausalLM
 
     from benchmarks.speed import SHAPES, build
 
     if model in SHAPES:
-        return build(model, layers=4, vocab=2048, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(model).eval()
+        return build(model, layers=4, vocab=2048, dtype=dtype).to(device)
+    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval().to(device)
 
 
 def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     from diep_lightning.families import get_family
     from diep_lightning.skipping import calibrate_skipping
 
-    model = load(model_dir)
+    model = load(model_dir, getattr(torch, args.dtype), args.device)
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        counters.clear()  # graphs and breaks of this model alone
     skipping = calibrate_skipping(model, calibration_batches(model.config.vocab_size))
     layers = len(get_family(model).blocks(model))
-    for batch in (1, 16):  # warm-up: first calls pay allocation
+    for batch in (1, 16):  # warm-up: first calls pay allocation (and compile: the same lengths as timed)
         for name in PATHS:
             with _Path(model, name):
-                decode_tps(model, batch, 4)
+                decode_tps(model, batch, args.new_tokens if args.compile else 4, args)
     times: dict[str, dict[str, list[float]]] = {name: {"batch_1": [], "batch_16": []} for name in PATHS}
     for r in range(args.rounds):
         order = PATHS[r % 3:] + PATHS[:r % 3]  # each round starts from another path
         for batch in (1, 16):
             for name in order:
                 with _Path(model, name):
-                    times[name][f"batch_{batch}"].append(decode_tps(model, batch, args.new_tokens))
+                    times[name][f"batch_{batch}"].append(decode_tps(model, batch, args.new_tokens, args))
         print(f"   round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} {times[n]['batch_1'][-1]:.0f}/{times[n]['batch_16'][-1]:.0f}" for n in PATHS), flush=True)
     shares = list(skipping.skipped_fraction.values())
+    compiled = {}
+    if args.compile:  # that the timed steps ran compiled graphs, whole
+        from torch._dynamo.utils import counters
+
+        compiled = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
     return {"skipped_share": sum(shares) / len(shares), "moe_layers": layers, "ops_per_layer": ops_per_layer(model, layers),
+            **compiled,
             "summary": {n: {m: ratios(v, times["off"][m]) for m, v in per.items()} for n, per in times.items()}}
 
 
 def report(results: dict[str, Any]) -> str:
     from benchmarks.speed import SHAPES
 
+    dtype = results.get("dtype", "float32")
     if any(name in SHAPES for name in results["models"]):
         title, what = ("Skipping's cost at real layer shapes, lean and sentinel paths side by side",
-                       "Random-weight models of benchmarks.speed's shapes (4 decoder layers, fp32)")
+                       f"Random-weight models of benchmarks.speed's shapes (4 decoder layers, {dtype})")
     else:
         title, what = ("Skipping's cost where decoding is overhead-bound",
                        "The shipped tiny models (a decode step is per-operation overhead, as a GPU's eager decode is "
-                       "kernel launches)")
+                       f"kernel launches; {dtype})")
+    if results.get("compiled"):
+        title += ", decode step compiled"
+        what += (", the decode step compiled (torch.compile, fullgraph, static cache; one graph per skipping path and "
+                 "batch, compiled in the warm-up), as a server's compiled step or CUDA graphs run it")
     lines = [f"## {title}", "",
              f"Measured by: `{results['command']}` on {results['machine']}. {what}, skipping calibrated with the paper's "
              f"rule; greedy decode of {results['new_tokens']} tokens, {results['rounds']} rounds, each timing skipping "
@@ -145,7 +162,16 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {res['skipped_share']:.2f} | {cell('lean', 'batch_1')} | {cell('lean', 'batch_16')} | "
                      f"{cell('sentinel', 'batch_1')} | {cell('sentinel', 'batch_16')} | "
                      f"{ops['lean']:.0f} / {ops['sentinel']:.0f} |")
+    if results.get("compiled"):
+        lines += ["", "Compiled: " + "; ".join(f"{name} {res['graphs']} graphs, {res['graph_breaks']} graph breaks"
+                                               for name, res in results["models"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def section_name(shapes: bool, args: argparse.Namespace) -> str:
+    """RESULTS.md section (and default JSON name) of a run: one per kind of model, device, dtype and compilation."""
+    return ("skip_overhead" + ("_shapes" if shapes else "") + ("" if args.device == "cpu" else "_" + args.device)
+            + ("" if args.dtype == "float32" else "_" + args.dtype) + ("_compiled" if args.compile else ""))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -156,7 +182,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "skip_overhead.json"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--compile", action="store_true",
+                    help="decode through a compiled step (static cache); writes its own RESULTS.md section")
+    ap.add_argument("--out", default=None, help="where the run's JSON goes (default benchmarks/skip_overhead*.json, "
+                                                "named like the RESULTS.md section)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
     args = ap.parse_args(argv)
@@ -168,18 +199,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     missing = [m for m in models if m not in SHAPES and not (Path(m) / "config.json").is_file()]
     if missing:
         ap.error(f"--models: no model (config.json) at {', '.join(missing)}; or a shape of {', '.join(SHAPES)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
     shapes = [m for m in models if m in SHAPES]
+    section = section_name(bool(shapes), args)
+    if args.out is None:
+        args.out = str(REPO / "benchmarks" / f"{section}.json")
     torch.set_num_threads(args.threads)
+    if args.compile:
+        speed.compile_decoding()
     shown = argv if argv is not None else sys.argv[1:]
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.skip_overhead", *shown]),
-                               "machine": machine(torch.device("cpu")), "rounds": args.rounds,
-                               "new_tokens": args.new_tokens, "models": {}}
+                               "machine": machine(torch.device(args.device)), "rounds": args.rounds,
+                               "new_tokens": args.new_tokens, "dtype": args.dtype, "compiled": args.compile,
+                               "models": {}}
     for model_dir in models:
         print(f"== {model_dir}", flush=True)
         results["models"][Path(model_dir).name] = run_model(model_dir, args)
         Path(args.out).write_text(json.dumps(results, indent=1))
     if args.results:
-        write_section(Path(args.results), "skip_overhead" + ("_shapes" if shapes else ""), report(results))
+        write_section(Path(args.results), section, report(results))
     print(report(results))
     return results
 

@@ -143,15 +143,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compile_decoding() -> None:
+    """Let ``generate`` compile the decode step on any device and keep one graph per model, skipping setting and
+    batch (shapes specialised, not made dynamic: each setting runs the kernels it would run alone)."""
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
+
+def compiled_generation() -> dict[str, Any]:
+    """``generate`` arguments for a compiled decode step: a static cache, and compilation also off a GPU."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 @torch.no_grad()
-def decode_tps(model: Any, batch: int, new_tokens: int, device: torch.device, prompt_len: int = 8) -> float:
+def decode_tps(model: Any, batch: int, new_tokens: int, device: torch.device, prompt_len: int = 8,
+               compiled: bool = False) -> float:
     """Greedy decode tokens/s: ``batch x new_tokens`` over the time of ``generate`` (prefill of a short prompt
-    included, the same for every variant)."""
+    included, the same for every variant). ``compiled``: the decode step through torch.compile (what a server's
+    CUDA graphs or compiled step do: the per-operation overhead goes, the expert matmuls stay)."""
     prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
     prompt = prompt.to(device)
+    extra = compiled_generation() if compiled else {}
     _sync(device)
     start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   **extra)
     _sync(device)
     return batch * new_tokens / (time.perf_counter() - start)
 
@@ -175,7 +195,7 @@ def measure(models: dict[str, Any], names: list[str], args: argparse.Namespace,
         with _skipping(model, name):
             if metric == "prefill":
                 return prefill_tps(model, args.prefill_tokens, device)
-            return decode_tps(model, int(metric.split("_")[1]), args.new_tokens, device)
+            return decode_tps(model, int(metric.split("_")[1]), args.new_tokens, device, compiled=args.compile)
 
     metrics = ["decode_1", "decode_16", "prefill"]
     for metric in metrics:  # warm-up: first calls at each shape allocate and pick kernels
@@ -302,13 +322,14 @@ def _setting(results: dict[str, Any]) -> tuple[str, str]:
 
 def section_name(results: dict[str, Any]) -> str:
     """RESULTS.md section of a run: one per device, and one per skipping setting other than the paper's."""
-    return f"speed_{results['device']}" + _setting(results)[0]
+    return f"speed_{results['device']}" + ("_compiled" if results.get("compiled") else "") + _setting(results)[0]
 
 
 def report(results: dict[str, Any]) -> str:
     device = results["device"]
     share, strength = results.get("skip_share"), results.get("skip_strength", 1.0)
-    title = f"## Speed at real layer shapes ({device})" + _setting(results)[1]
+    title = (f"## Speed at real layer shapes ({device}" + (", compiled decode step" if results.get("compiled") else "")
+             + ")" + _setting(results)[1])
     lines = [title, "",
              f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
              f"{results['layers']} decoder layers with real layer proportions (see `benchmarks/speed.py`); "
@@ -324,7 +345,10 @@ def report(results: dict[str, Any]) -> str:
                 "strength; its quality cost is in section Skipping strength against quality).")
              + (" Each share_X_skip variant is its own copy of the full model with the thresholds scaled so that X "
                 "of the slots are skipped on the calibration tokens, all timed in the same rounds."
-                if results.get("skip_shares") else ""), ""]
+                if results.get("skip_shares") else "")
+             + (" Decode: generate's decode step compiled (torch.compile, fullgraph, static cache; one graph per "
+                "model, skipping setting and batch, compiled in the warm-up); prefill eager." if results.get("compiled")
+                else ""), ""]
     for key, entry in results["runs"].items():
         facts, summary, names = entry["facts"], entry["summary"], entry.get("variants", VARIANTS)
         lines += [f"### {key}", "", "| variant | expert bytes | skipped share | decode b=1 tok/s | x full | "
@@ -468,8 +492,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-shares", default=None,
                     help="comma-separated shares: instead of the pruned variants, the full model and one copy per "
                          "share skipping that share of the slots, timed side by side (RESULTS.md section *_shares)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode through a compiled step (static cache); writes its own RESULTS.md section")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "speed.json"))
+    ap.add_argument("--out", default=None, help="where the run's JSON goes (default benchmarks/speed.json, "
+                                                "speed_compiled.json with --compile)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
     ap.add_argument("--from", dest="from_json", default=None,
@@ -496,8 +523,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.out is None:
+        args.out = str(Path(__file__).resolve().parent / ("speed_compiled.json" if args.compile else "speed.json"))
+    if args.compile:
+        compile_decoding()
     shown = argv if argv is not None else sys.argv[1:]
-    results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.speed", *shown]),
+    results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.speed", *shown]), "compiled": args.compile,
                                "skip_strength": args.skip_strength, "skip_share": args.skip_share,
                                "skip_shares": args.skip_shares, "rotated": True,
                                "machine": machine(device), "device": device.type, "layers": args.layers,
@@ -510,7 +541,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             models, facts, names = variants(shape, args, getattr(torch, dtype_name), device)
             times = measure(models, names, args, device)
             results["runs"][key] = {"facts": facts, "variants": names, "times": times, "summary": summarise(times),
-                                    "profile": profiles(models, names, args, device)}
+                                    # the profile's hooks time eager modules: it says nothing of a compiled step
+                                    "profile": None if args.compile else profiles(models, names, args, device)}
             del models
             Path(args.out).write_text(json.dumps(results, indent=1))
     if args.results:

@@ -323,3 +323,30 @@ def test_skip_overhead_benchmark_smoke(tmp_path, capsys):
     with pytest.raises(SystemExit):
         skip_overhead.main(["--models", str(tmp_path / "nothing")])
     assert "--models: no model" in capsys.readouterr().err
+
+
+def test_a_compiled_decode_step_with_skipping_is_one_graph_and_decodes_as_eager(monkeypatch):
+    """The speed benchmarks' --compile path: generate compiles the decode step with skipping installed, on the CPU
+    too, without a graph break, and greedy tokens equal eager decoding's with the same skipping."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import skip_overhead, speed
+    from diep_lightning.skipping import calibrate_skipping
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", torch._dynamo.config.automatic_dynamic_shapes)
+    speed.compile_decoding()
+    model = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-mixtral").eval()
+    skipping = calibrate_skipping(model, skip_overhead.calibration_batches(model.config.vocab_size))
+    assert 0 < sum(skipping.skipped_fraction.values())
+    prompt = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    eager = model.generate(prompt, **kwargs)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(prompt, **kwargs, **speed.compiled_generation())
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert torch.equal(compiled, eager)
