@@ -105,18 +105,19 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     skipping = calibrate_skipping(model, calibration_batches(model.config.vocab_size))
     layers = len(get_family(model).blocks(model))
     for batch in (1, 16):  # warm-up: first calls pay allocation (and compile: the same lengths as timed)
-        for name in PATHS:
+        for name in args.paths:
             with _Path(model, name):
                 decode_tps(model, batch, args.new_tokens if args.compile else 4, args)
-    times: dict[str, dict[str, list[float]]] = {name: {"batch_1": [], "batch_16": []} for name in PATHS}
+    paths = args.paths
+    times: dict[str, dict[str, list[float]]] = {name: {"batch_1": [], "batch_16": []} for name in paths}
     for r in range(args.rounds):
-        order = PATHS[r % 3:] + PATHS[:r % 3]  # each round starts from another path
+        order = paths[r % len(paths):] + paths[:r % len(paths)]  # each round starts from another path
         for batch in (1, 16):
             for name in order:
                 with _Path(model, name):
                     times[name][f"batch_{batch}"].append(decode_tps(model, batch, args.new_tokens, args))
         print(f"   round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{n} {times[n]['batch_1'][-1]:.0f}/{times[n]['batch_16'][-1]:.0f}" for n in PATHS), flush=True)
+            f"{n} {times[n]['batch_1'][-1]:.0f}/{times[n]['batch_16'][-1]:.0f}" for n in paths), flush=True)
     shares = list(skipping.skipped_fraction.values())
     compiled = {}
     if args.compile:  # that the timed steps ran compiled graphs, whole
@@ -155,6 +156,8 @@ def report(results: dict[str, Any]) -> str:
         s = res["summary"]
 
         def cell(path: str, metric: str) -> str:
+            if path not in s:
+                return "not timed"
             r = s[path][metric]
             return f"{r['ratio']:.2f}x [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]"
 
@@ -184,15 +187,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help="comma-separated skipping paths to time (off always; fewer: fewer graphs to compile)")
     ap.add_argument("--compile", action="store_true",
                     help="decode through a compiled step (static cache); writes its own RESULTS.md section")
     ap.add_argument("--out", default=None, help="where the run's JSON goes (default benchmarks/skip_overhead*.json, "
                                                 "named like the RESULTS.md section)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
+    ap.add_argument("--from", dest="from_json", default=None,
+                    help="render the RESULTS.md section from an earlier run's JSON (a GPU's, say), measuring nothing")
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        if args.results:
+            from benchmarks.speed import SHAPES
+
+            run = argparse.Namespace(device=results.get("device", "cpu"), dtype=results.get("dtype", "float32"),
+                                     compile=results.get("compiled", False))
+            write_section(Path(args.results), section_name(any(m in SHAPES for m in results["models"]), run),
+                          report(results))
+        print(report(results))
+        return results
     if args.rounds < 1:
         ap.error(f"--rounds: must be >= 1, got {args.rounds}")
+    args.paths = tuple(dict.fromkeys(["off"] + [x for x in args.paths.split(",") if x]))
+    if not set(args.paths) <= set(PATHS) or len(args.paths) < 2:
+        ap.error(f"--paths: choose from {', '.join(PATHS)} (off is always timed), got {args.paths!r}")
     models = [m for m in args.models.split(",") if m]
     from benchmarks.speed import SHAPES
 
@@ -212,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.skip_overhead", *shown]),
                                "machine": machine(torch.device(args.device)), "rounds": args.rounds,
                                "new_tokens": args.new_tokens, "dtype": args.dtype, "compiled": args.compile,
+                               "device": torch.device(args.device).type,
                                "models": {}}
     for model_dir in models:
         print(f"== {model_dir}", flush=True)

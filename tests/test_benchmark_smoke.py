@@ -320,9 +320,15 @@ def test_skip_overhead_benchmark_smoke(tmp_path, capsys):
     assert 0 < res["ops_per_layer"]["lean"] < res["ops_per_layer"]["sentinel"]
     assert set(res["summary"]) == {"off", "lean", "sentinel"} and res["summary"]["lean"]["batch_16"]["tps"] > 0
     assert "<!-- skip_overhead:begin -->" in results_md.read_text()
+    again = tmp_path / "again.md"  # a run elsewhere (a GPU's) is rendered here from its JSON
+    skip_overhead.main(["--from", str(tmp_path / "o.json"), "--results", str(again)])
+    assert again.read_text() == results_md.read_text()
     with pytest.raises(SystemExit):
         skip_overhead.main(["--models", str(tmp_path / "nothing")])
     assert "--models: no model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        skip_overhead.main(["--paths", "lean,fast"])
+    assert "--paths: choose from" in capsys.readouterr().err
 
 
 def test_a_compiled_decode_step_with_skipping_is_one_graph_and_decodes_as_eager(monkeypatch):
@@ -350,3 +356,17 @@ def test_a_compiled_decode_step_with_skipping_is_one_graph_and_decodes_as_eager(
     compiled = model.generate(prompt, **kwargs, **speed.compiled_generation())
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     assert torch.equal(compiled, eager)
+
+
+def test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_path):
+    """tools/gpu_checks.sh, the one command a lent GPU runs: valid bash, and on a machine without a GPU it stops in
+    one line before any step."""
+    import os
+    import subprocess
+
+    script = REPO / "tools" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 1 and "torch sees no GPU" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "steps.log").exists()

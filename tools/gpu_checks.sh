@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU check of this project in one run, sized for a lent GPU's few minutes (each step has its own time limit,
+# so one slow step cannot eat the others): the cuda tests, skipping's cost eager and with the decode step compiled
+# (CUDA graphs), and the search's cost against its floor. Results land in $OUT (default /tmp/gpu_checks).
+#
+#   bash tools/gpu_checks.sh --prepare   # here, with network: wheels the GPU image lacks, into .whl/
+#   bash tools/gpu_checks.sh             # there, in the repository root (carry .whl)
+#
+# The GPU image has torch, lightning and an older transformers; the wheels bring the versions CI tests against
+# (constraints.txt) and the CLI's parser. Then copy the JSON files back into benchmarks/ and re-render RESULTS.md
+# with each benchmark's --from.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=(transformers jsonargparse docstring_parser typeshed_client)
+
+if [ "${1:-}" = "--prepare" ]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  for name in "${WHEELS[@]}"; do
+    pin=$(grep -i "^${name}==" constraints.txt) || { echo "tools/gpu_checks.sh: $name not pinned in constraints.txt"; exit 2; }
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "$pin" || exit 1
+  done
+  ls .whl
+  exit 0
+fi
+
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "tools/gpu_checks.sh: the wheels in .whl did not install"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python3 - <<'EOF' | tee "$OUT/env.txt" || exit 1
+import sys
+import torch, transformers, lightning
+if not torch.cuda.is_available():
+    sys.exit("tools/gpu_checks.sh: torch sees no GPU; run it on a machine that has one")
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "transformers", transformers.__version__,
+      "lightning", lightning.__version__)
+EOF
+
+status=0
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, log into $OUT/steps.log, remember a failure
+  local limit=$1 name=$2; shift 2
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/steps.log"
+  local start=$SECONDS
+  timeout "$limit" "$@" >> "$OUT/steps.log" 2>&1
+  local rc=$?
+  echo "   $name: rc $rc after $((SECONDS - start))s" | tee -a "$OUT/steps.log"
+  [ $rc -eq 0 ] || status=1
+}
+
+step 150 cuda_tests python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
+step 90 skip_eager python3 -m benchmarks.skip_overhead --models mixtral,qwen3 --device cuda --dtype bfloat16 \
+  --rounds 3 --out "$OUT/skip_overhead_shapes_cuda_bfloat16.json" --results ''
+step 170 skip_compiled python3 -m benchmarks.skip_overhead --models mixtral,qwen3 --device cuda --dtype bfloat16 \
+  --paths off,lean --compile --rounds 3 --out "$OUT/skip_overhead_shapes_cuda_bfloat16_compiled.json" --results ''
+step 150 search_cost python3 -m benchmarks.search_cost --device cuda --sizes 256x4,1024x4 --repeats 2 \
+  --out "$OUT/search_cost_cuda.json" --results "$OUT/RESULTS.md"
+exit $status
