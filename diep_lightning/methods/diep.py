@@ -10,6 +10,7 @@ alternating blocks of alpha steps and beta steps (paper: 3:1), each with its own
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from diep_lightning.frozen_moe import FrozenMoEModule
+
 
 
 def parse_ratio(ratio: str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -213,6 +215,11 @@ class DiEPModule(FrozenMoEModule):
         source = getattr(loader, "sampler", None) or getattr(loader, "dataset", None)
         samples = len(source) if source is not None and hasattr(source, "__len__") else 0
         return per_sample * samples <= self.hparams.teacher_cache_gb * 2**30
+
+    def setup(self, stage: str) -> None:
+        # Lightning warns whenever a module's own transfer hook meets a datamodule; ours is meant to serve (below)
+        warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
+        super().setup(stage)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Everything but the sample ids goes to the device: the ids only index the teacher cache on the host, and
