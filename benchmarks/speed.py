@@ -177,6 +177,26 @@ def decode_tps(model: Any, batch: int, new_tokens: int, device: torch.device, pr
 
 
 @torch.no_grad()
+def decode_skipped_share(model: Any, batch: int, new_tokens: int, device: torch.device, prompt_len: int = 8) -> float:
+    """The share of chosen expert slots skipping skips in the decode steps a timing runs (a greedy decode's tokens
+    can route unlike the calibration tokens): counted over ``generate`` of ``new_tokens`` less that of one token,
+    whose prefill is the same."""
+    skipping = model.diep_skipping
+    counts = []
+    skipping.counting = True
+    try:
+        for n in (1, new_tokens):
+            skipping.clear_stats()
+            decode_tps(model, batch, n, device, prompt_len)
+            stats = list(skipping.stats.values())
+            counts.append((sum(s for s, _ in stats), sum(t for _, t in stats)))
+    finally:
+        skipping.counting = False
+        skipping.clear_stats()
+    return (counts[1][0] - counts[0][0]) / max(1, counts[1][1] - counts[0][1])
+
+
+@torch.no_grad()
 def prefill_tps(model: Any, tokens: int, device: torch.device) -> float:
     """Tokens/s of one forward pass over a ``tokens``-long sequence (no cache)."""
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(3)).to(device)
@@ -337,7 +357,8 @@ def report(results: dict[str, Any]) -> str:
              f"{results['prefill_tokens']} tokens. Each cell: median tokens/s over {results['repeats']} rounds"
              + (" (each round starting from another variant)" if results.get("rotated") else "") + ", and "
              "the median ratio to the full model measured in the same round [min-max over rounds]. Skipped share: "
-             "chosen expert slots skipped on the calibration tokens"
+             "chosen expert slots skipped on the calibration tokens (in brackets, where measured: in the timed decode steps at "
+             "batch 1 / 16)"
              + (f", with every skipping threshold scaled so that {share:g} of the slots are skipped on them "
                 "(SkipCalibration's share, with the strength it took; quality at such shares: "
                 "section Skipping strength against quality)." if share is not None
@@ -356,6 +377,9 @@ def report(results: dict[str, Any]) -> str:
         for name in names:
             base = name.removesuffix("_skip")
             skipped = f"{facts[base]['skipped_share']:.3f}" if name.endswith("_skip") else "0"
+            decoded = facts[base].get("decode_skipped_share")
+            if name.endswith("_skip") and decoded:
+                skipped += f" (decode {decoded['decode_1']:.2f} / {decoded['decode_16']:.2f})"
             if name.endswith("_skip") and "skip_strength" in facts[base] and facts[base]["skip_strength"] != 1:
                 skipped += f" (strength {facts[base]['skip_strength']:.2f})"
             cells = []
@@ -418,9 +442,12 @@ def targets_lines(results: dict[str, Any]) -> list[str]:
     """Where the speed targets of ``targets.json`` stand, per shape and dtype (median ratio over rounds, and
     whether the whole range clears it)."""
     targets = json.loads((Path(__file__).resolve().parent / "targets.json").read_text())["speed_ratio_min"]
-    lines = ["Targets (x the full model's tokens/s). Each skipping-alone line also gives the most skipping could give "
-             "with the skipped share it measured: when that bound is below the target, no implementation of "
-             "skipping reaches it on this machine at that share, and a higher share is a quality trade-off:", ""]
+    profiled = any(entry.get("profile") for entry in results["runs"].values())
+    lines = ["Targets (x the full model's tokens/s)" + (
+             ". Each skipping-alone line also gives the most skipping could give with the skipped share it measured: "
+             "when that bound is below the target, no implementation of skipping reaches it on this machine at that "
+             "share, and a higher share is a quality trade-off:" if profiled else
+             " (no profile with a compiled step, so no bounds here):"), ""]
     for key, entry in results["runs"].items():
         names = entry.get("variants", VARIANTS)
         for target, by_metric in targets.items():  # a settings run judges each share by skipping alone's targets
@@ -540,6 +567,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"== {key}", flush=True)
             models, facts, names = variants(shape, args, getattr(torch, dtype_name), device)
             times = measure(models, names, args, device)
+            for name in names:  # the share the timed decode steps skipped, beside the calibration tokens'
+                if name.endswith("_skip"):
+                    facts[name.removesuffix("_skip")]["decode_skipped_share"] = {
+                        f"decode_{b}": decode_skipped_share(models[name.removesuffix("_skip")], b, args.new_tokens,
+                                                            device) for b in (1, 16)}
             results["runs"][key] = {"facts": facts, "variants": names, "times": times, "summary": summarise(times),
                                     # the profile's hooks time eager modules: it says nothing of a compiled step
                                     "profile": None if args.compile else profiles(models, names, args, device)}

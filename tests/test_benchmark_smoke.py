@@ -160,6 +160,9 @@ def test_speed_benchmark_smoke(tmp_path):
         assert facts["pruned_50"]["expert_bytes"] * 2 == facts["full"]["expert_bytes"]
         assert facts["pruned_25"]["expert_bytes"] * 4 == facts["full"]["expert_bytes"] * 3
         assert all(0.0 <= f["skipped_share"] < 1.0 for f in facts.values())
+        for f in facts.values():  # the share skipped in the timed decode steps, counted apart from the prefill
+            assert set(f["decode_skipped_share"]) == {"decode_1", "decode_16"}
+            assert all(0.0 <= x < 1.0 for x in f["decode_skipped_share"].values())
     text = results_md.read_text()
     assert "<!-- speed_cpu:begin -->" in text and "| pruned_50_skip |" in text
     # a stronger skipping writes its own section, beside the paper's, and skips more of the same model
@@ -317,6 +320,7 @@ def test_skip_overhead_benchmark_smoke(tmp_path, capsys):
                                   "--new-tokens", "2", "--out", str(tmp_path / "o.json"), "--results", str(results_md)])
     res = results["models"]["tiny-mixtral"]
     assert 0 < res["skipped_share"] < 0.5
+    assert all(0 <= x < 1 for x in res["decode_skipped_share"].values())
     assert 0 < res["ops_per_layer"]["lean"] < res["ops_per_layer"]["sentinel"]
     assert set(res["summary"]) == {"off", "lean", "sentinel"} and res["summary"]["lean"]["batch_16"]["tps"] > 0
     assert "<!-- skip_overhead:begin -->" in results_md.read_text()
@@ -370,3 +374,21 @@ def test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_pat
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 1 and "torch sees no GPU" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "steps.log").exists()
+
+
+@pytest.mark.parametrize("gamma, share", [(1e9, 0.5), (0.0, 0.0)])
+def test_the_decode_skipped_share_counts_the_decode_steps(gamma, share):
+    """Top-2 routing with every non-top slot skipped skips half the decode steps' slots, none with no threshold;
+    counted without the prefill's slots."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import speed
+    from diep_lightning.families import get_family
+    from diep_lightning.skipping import install_skipping
+
+    model = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-mixtral").eval()
+    blocks = get_family(model).blocks(model)
+    model.diep_skipping = install_skipping(model, {b.index: torch.full((8, 8), gamma) for b in blocks})
+    assert speed.decode_skipped_share(model, 2, 4, torch.device("cpu")) == share
+    assert not model.diep_skipping.counting and model.diep_skipping.stats[blocks[0].index] == [0, 0]
