@@ -40,6 +40,9 @@ if not torch.cuda.is_available():
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "transformers", transformers.__version__,
       "lightning", lightning.__version__)
 EOF
+# the package as installed (diep_lightning.callbacks lives in callbacks/, mapped by pyproject's package-dir)
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >> "$OUT/steps.log" 2>&1 \
+  || { echo "tools/gpu_checks.sh: pip install -e . failed (see steps.log)"; exit 1; }
 
 status=0
 step() {  # step SECONDS NAME COMMAND...: run with a time limit, log into $OUT/steps.log, remember a failure
