@@ -335,7 +335,7 @@ def test_skip_overhead_benchmark_smoke(tmp_path, capsys):
     assert "--paths: choose from" in capsys.readouterr().err
 
 
-def test_a_compiled_decode_step_with_skipping_is_one_graph_and_decodes_as_eager(monkeypatch):
+def test_a_compiled_decode_step_with_skipping_is_one_graph_and_decodes_as_eager():
     """The speed benchmarks' --compile path: generate compiles the decode step with skipping installed, on the CPU
     too, without a graph break, and greedy tokens equal eager decoding's with the same skipping."""
     import torch
@@ -346,20 +346,23 @@ def test_a_compiled_decode_step_with_skipping_is_one_graph_and_decodes_as_eager(
     from benchmarks import skip_overhead, speed
     from diep_lightning.skipping import calibrate_skipping
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", torch._dynamo.config.automatic_dynamic_shapes)
-    speed.compile_decoding()
-    model = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-mixtral").eval()
-    skipping = calibrate_skipping(model, skip_overhead.calibration_batches(model.config.vocab_size))
-    assert 0 < sum(skipping.skipped_fraction.values())
-    prompt = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    eager = model.generate(prompt, **kwargs)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = model.generate(prompt, **kwargs, **speed.compiled_generation())
-    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
-    assert torch.equal(compiled, eager)
+    config = torch._dynamo.config
+    saved = config.recompile_limit, config.automatic_dynamic_shapes
+    try:  # restored by assignment: pytest's monkeypatch deletes (hides) a torch config entry on undo
+        speed.compile_decoding()
+        model = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-mixtral").eval()
+        skipping = calibrate_skipping(model, skip_overhead.calibration_batches(model.config.vocab_size))
+        assert 0 < sum(skipping.skipped_fraction.values())
+        prompt = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+        kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+        eager = model.generate(prompt, **kwargs)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = model.generate(prompt, **kwargs, **speed.compiled_generation())
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+        assert torch.equal(compiled, eager)
+    finally:
+        config.recompile_limit, config.automatic_dynamic_shapes = saved
 
 
 def test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_path):
