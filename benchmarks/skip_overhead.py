@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.sections import write_section
@@ -98,17 +99,14 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     from diep_lightning.skipping import calibrate_skipping
 
     model = load(model_dir, getattr(torch, args.dtype), args.device)
-    if args.compile:
-        from torch._dynamo.utils import counters
-
-        counters.clear()  # graphs and breaks of this model alone
+    counters.clear()  # the compiled graphs and breaks of this model alone
     skipping = calibrate_skipping(model, calibration_batches(model.config.vocab_size))
     layers = len(get_family(model).blocks(model))
+    paths = args.paths
     for batch in (1, 16):  # warm-up: first calls pay allocation (and compile: the same lengths as timed)
-        for name in args.paths:
+        for name in paths:
             with _Path(model, name):
                 decode_tps(model, batch, args.new_tokens if args.compile else 4, args)
-    paths = args.paths
     times: dict[str, dict[str, list[float]]] = {name: {"batch_1": [], "batch_16": []} for name in paths}
     for r in range(args.rounds):
         order = paths[r % len(paths):] + paths[:r % len(paths)]  # each round starts from another path
@@ -123,8 +121,6 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
                for b in (1, 16)}
     compiled = {}
     if args.compile:  # that the timed steps ran compiled graphs, whole
-        from torch._dynamo.utils import counters
-
         compiled = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
     return {"skipped_share": sum(shares) / len(shares), "decode_skipped_share": decoded, "moe_layers": layers,
             "ops_per_layer": ops_per_layer(model, layers),
@@ -132,11 +128,14 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
             "summary": {n: {m: ratios(v, times["off"][m]) for m, v in per.items()} for n, per in times.items()}}
 
 
-def report(results: dict[str, Any]) -> str:
-    from benchmarks.speed import SHAPES
+def _shapes(results: dict[str, Any]) -> bool:
+    """Whether a run timed benchmarks.speed's real layer shapes (not shipped models)."""
+    return any(name in speed.SHAPES for name in results["models"])
 
+
+def report(results: dict[str, Any]) -> str:
     dtype = results.get("dtype", "float32")
-    if any(name in SHAPES for name in results["models"]):
+    if _shapes(results):
         title, what = ("Skipping's cost at real layer shapes, lean and sentinel paths side by side",
                        f"Random-weight models of benchmarks.speed's shapes (4 decoder layers, {dtype})")
     else:
@@ -153,7 +152,8 @@ def report(results: dict[str, Any]) -> str:
              "off, on (lean grouped_mm path) and on through the stock experts forward with sentinel ids one after "
              "another (each round starting from another); ratios to the same round's run without skipping: median "
              "[min-max]. Skipped share: of the chosen slots, on the calibration tokens (in brackets, where measured: "
-             "in the timed decode steps at batch 1 / 16). Operations: ATen operations a decode step adds per MoE layer over no skipping.", "",
+             "in the timed decode steps at batch 1 / 16). Operations: ATen operations a decode step adds per MoE "
+             "layer over no skipping.", "",
              "| model | skipped share | lean b1 | lean b16 | sentinel b1 | sentinel b16 | operations lean / sentinel |",
              "|---|---|---|---|---|---|---|"]
     for name, res in results["models"].items():
@@ -178,10 +178,11 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def section_name(shapes: bool, args: argparse.Namespace) -> str:
+def section_name(results: dict[str, Any]) -> str:
     """RESULTS.md section (and default JSON name) of a run: one per kind of model, device, dtype and compilation."""
-    return ("skip_overhead" + ("_shapes" if shapes else "") + ("" if args.device == "cpu" else "_" + args.device)
-            + ("" if args.dtype == "float32" else "_" + args.dtype) + ("_compiled" if args.compile else ""))
+    device, dtype = results.get("device", "cpu"), results.get("dtype", "float32")
+    return ("skip_overhead" + ("_shapes" if _shapes(results) else "") + ("" if device == "cpu" else "_" + device)
+            + ("" if dtype == "float32" else "_" + dtype) + ("_compiled" if results.get("compiled") else ""))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -208,12 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
         if args.results:
-            from benchmarks.speed import SHAPES
-
-            run = argparse.Namespace(device=results.get("device", "cpu"), dtype=results.get("dtype", "float32"),
-                                     compile=results.get("compiled", False))
-            write_section(Path(args.results), section_name(any(m in SHAPES for m in results["models"]), run),
-                          report(results))
+            write_section(Path(args.results), section_name(results), report(results))
         print(report(results))
         return results
     if args.rounds < 1:
@@ -222,17 +218,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not set(args.paths) <= set(PATHS) or len(args.paths) < 2:
         ap.error(f"--paths: choose from {', '.join(PATHS)} (off is always timed), got {args.paths!r}")
     models = [m for m in args.models.split(",") if m]
-    from benchmarks.speed import SHAPES
-
-    missing = [m for m in models if m not in SHAPES and not (Path(m) / "config.json").is_file()]
+    missing = [m for m in models if m not in speed.SHAPES and not (Path(m) / "config.json").is_file()]
     if missing:
-        ap.error(f"--models: no model (config.json) at {', '.join(missing)}; or a shape of {', '.join(SHAPES)}")
+        ap.error(f"--models: no model (config.json) at {', '.join(missing)}; or a shape of {', '.join(speed.SHAPES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
-    shapes = [m for m in models if m in SHAPES]
-    section = section_name(bool(shapes), args)
-    if args.out is None:
-        args.out = str(REPO / "benchmarks" / f"{section}.json")
     torch.set_num_threads(args.threads)
     if args.compile:
         speed.compile_decoding()
@@ -240,8 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.skip_overhead", *shown]),
                                "machine": machine(torch.device(args.device)), "rounds": args.rounds,
                                "new_tokens": args.new_tokens, "dtype": args.dtype, "compiled": args.compile,
-                               "device": torch.device(args.device).type,
-                               "models": {}}
+                               "device": torch.device(args.device).type, "models": {}}
+    section = section_name({**results, "models": {Path(m).name: None for m in models}})
+    if args.out is None:
+        args.out = str(REPO / "benchmarks" / f"{section}.json")
     for model_dir in models:
         print(f"== {model_dir}", flush=True)
         results["models"][Path(model_dir).name] = run_model(model_dir, args)

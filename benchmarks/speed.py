@@ -357,8 +357,8 @@ def report(results: dict[str, Any]) -> str:
              f"{results['prefill_tokens']} tokens. Each cell: median tokens/s over {results['repeats']} rounds"
              + (" (each round starting from another variant)" if results.get("rotated") else "") + ", and "
              "the median ratio to the full model measured in the same round [min-max over rounds]. Skipped share: "
-             "chosen expert slots skipped on the calibration tokens (in brackets, where measured: in the timed decode steps at "
-             "batch 1 / 16)"
+             "chosen expert slots skipped on the calibration tokens (in brackets, where measured: in the timed "
+             "decode steps at batch 1 / 16)"
              + (f", with every skipping threshold scaled so that {share:g} of the slots are skipped on them "
                 "(SkipCalibration's share, with the strength it took; quality at such shares: "
                 "section Skipping strength against quality)." if share is not None
@@ -567,11 +567,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"== {key}", flush=True)
             models, facts, names = variants(shape, args, getattr(torch, dtype_name), device)
             times = measure(models, names, args, device)
-            for name in names:  # the share the timed decode steps skipped, beside the calibration tokens'
-                if name.endswith("_skip"):
-                    facts[name.removesuffix("_skip")]["decode_skipped_share"] = {
-                        f"decode_{b}": decode_skipped_share(models[name.removesuffix("_skip")], b, args.new_tokens,
-                                                            device) for b in (1, 16)}
+            for base in (n.removesuffix("_skip") for n in names if n.endswith("_skip")):
+                facts[base]["decode_skipped_share"] = {  # beside the calibration tokens' share
+                    f"decode_{b}": decode_skipped_share(models[base], b, args.new_tokens, device) for b in (1, 16)}
             results["runs"][key] = {"facts": facts, "variants": names, "times": times, "summary": summarise(times),
                                     # the profile's hooks time eager modules: it says nothing of a compiled step
                                     "profile": None if args.compile else profiles(models, names, args, device)}

@@ -22,7 +22,6 @@ from torch import nn
 from diep_lightning.frozen_moe import FrozenMoEModule
 
 
-
 def parse_ratio(ratio: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     """Parse an alpha:beta step ratio such as ``"3:1"``.
 
