@@ -148,7 +148,9 @@ def report(results: dict[str, Any]) -> str:
                  "batch, compiled in the warm-up), as a server's compiled step or CUDA graphs run it")
     lines = [f"## {title}", "",
              f"Measured by: `{results['command']}` on {results['machine']}. {what}, skipping calibrated with the paper's "
-             f"rule; greedy decode of {results['new_tokens']} tokens, {results['rounds']} rounds, each timing skipping "
+             f"rule; greedy decode of {results['new_tokens']} tokens"
+             + (" (tokens/s of the decode steps, the prompt's prefill left out)" if results.get("decode_steps_only")
+                else "") + f", {results['rounds']} rounds, each timing skipping "
              "off, on (lean grouped_mm path) and on through the stock experts forward with sentinel ids one after "
              "another (each round starting from another); ratios to the same round's run without skipping: median "
              "[min-max]. Skipped share: of the chosen slots, on the calibration tokens (in brackets, where measured: "
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return results
     if args.rounds < 1:
         ap.error(f"--rounds: must be >= 1, got {args.rounds}")
+    if args.new_tokens < 2:
+        ap.error(f"--new-tokens: a decode rate needs at least 2, got {args.new_tokens}")
     args.paths = tuple(dict.fromkeys(["off"] + [x for x in args.paths.split(",") if x]))
     if not set(args.paths) <= set(PATHS) or len(args.paths) < 2:
         ap.error(f"--paths: choose from {', '.join(PATHS)} (off is always timed), got {args.paths!r}")
@@ -230,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.skip_overhead", *shown]),
                                "machine": machine(torch.device(args.device)), "rounds": args.rounds,
                                "new_tokens": args.new_tokens, "dtype": args.dtype, "compiled": args.compile,
-                               "device": torch.device(args.device).type, "models": {}}
+                               "device": torch.device(args.device).type, "decode_steps_only": True,
+                               "models": {}}
     section = section_name({**results, "models": {Path(m).name: None for m in models}})
     if args.out is None:
         args.out = str(REPO / "benchmarks" / f"{section}.json")

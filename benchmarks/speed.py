@@ -159,41 +159,75 @@ def compiled_generation() -> dict[str, Any]:
     return {"cache_implementation": "static", "compile_config": config}
 
 
+class DecodeClock:
+    """A logits processor that times the decode steps alone: from the scores of the first new token (the prompt's
+    prefill done) to those of the last, so a variant's decode rate does not carry its prompt's prefill."""
+
+    def __init__(self, new_tokens: int, device: torch.device) -> None:
+        self.new_tokens, self.device, self.calls, self.marks = new_tokens, device, 0, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls in (1, self.new_tokens):
+            _sync(self.device)
+            self.marks.append(time.perf_counter())
+        return scores
+
+
+def prompt_ids(vocab: int, batch: int, prompt_len: int, seed: int) -> torch.Tensor:
+    """Random prompt token ids: one seed per timing round, the same prompts for every variant in it."""
+    return torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def decode_tps(model: Any, batch: int, new_tokens: int, device: torch.device, prompt_len: int = 8,
-               compiled: bool = False) -> float:
-    """Greedy decode tokens/s: ``batch x new_tokens`` over the time of ``generate`` (prefill of a short prompt
-    included, the same for every variant). ``compiled``: the decode step through torch.compile (what a server's
-    CUDA graphs or compiled step do: the per-operation overhead goes, the expert matmuls stay)."""
-    prompt = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
-    prompt = prompt.to(device)
+               compiled: bool = False, seed: int = 2) -> float:
+    """Greedy decode tokens/s of the decode steps: ``batch x (new_tokens - 1)`` tokens over the time from the first
+    new token's scores to the last's (the prompt's prefill left out: prefill has its own figure). ``compiled``: the
+    decode step through torch.compile (what a server's CUDA graphs or compiled step do: the per-operation overhead
+    goes, the expert matmuls stay)."""
+    from transformers import LogitsProcessorList
+
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens: a decode rate needs at least 2 new tokens, got {new_tokens}")
+    prompt = prompt_ids(model.config.vocab_size, batch, prompt_len, seed).to(device)
     extra = compiled_generation() if compiled else {}
-    _sync(device)
-    start = time.perf_counter()
+    clock = DecodeClock(new_tokens, device)
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                   **extra)
-    _sync(device)
-    return batch * new_tokens / (time.perf_counter() - start)
+                   logits_processor=LogitsProcessorList([clock]), **extra)
+    return batch * (new_tokens - 1) / (clock.marks[-1] - clock.marks[0])
 
 
 @torch.no_grad()
-def decode_skipped_share(model: Any, batch: int, new_tokens: int, device: torch.device, prompt_len: int = 8) -> float:
+def decode_skipped_share(model: Any, batch: int, new_tokens: int, device: torch.device, prompt_len: int = 8,
+                         seeds: tuple[int, ...] = (2,)) -> float:
     """The share of chosen expert slots skipping skips in the decode steps a timing runs (a greedy decode's tokens
     can route unlike the calibration tokens): counted over ``generate`` of ``new_tokens`` less that of one token,
-    whose prefill is the same."""
+    whose prefill is the same, summed over the prompts of ``seeds``."""
     skipping = model.diep_skipping
-    counts = []
+    skipped = total = 0
     skipping.counting = True
     try:
-        for n in (1, new_tokens):
-            skipping.clear_stats()
-            decode_tps(model, batch, n, device, prompt_len)
-            stats = list(skipping.stats.values())
-            counts.append((sum(s for s, _ in stats), sum(t for _, t in stats)))
+        for seed in seeds:
+            counts = []
+            for n in (1, new_tokens):
+                skipping.clear_stats()
+                prompt = prompt_ids(model.config.vocab_size, batch, prompt_len, seed).to(device)
+                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                stats = list(skipping.stats.values())
+                counts.append((sum(s for s, _ in stats), sum(t for _, t in stats)))
+            skipped += counts[1][0] - counts[0][0]
+            total += counts[1][1] - counts[0][1]
     finally:
         skipping.counting = False
         skipping.clear_stats()
-    return (counts[1][0] - counts[0][0]) / max(1, counts[1][1] - counts[0][1])
+    return skipped / max(1, total)
+
+
+def round_seeds(repeats: int) -> tuple[int, ...]:
+    """The prompt seed of each timing round (the warm-up uses seed 2): at batch 1 one prompt's decode skips a share
+    that swings with the prompt (0.20-0.32 over 8 prompts on the Mixtral-like shape), so each round draws its own."""
+    return tuple(100 + r for r in range(repeats))
 
 
 @torch.no_grad()
@@ -210,12 +244,13 @@ def prefill_tps(model: Any, tokens: int, device: torch.device) -> float:
 def measure(models: dict[str, Any], names: list[str], args: argparse.Namespace,
             device: torch.device) -> dict[str, dict[str, list[float]]]:
     """Every variant once per round, in turn: ``{variant: {metric: [per-round value]}}``."""
-    def run(name: str, metric: str) -> float:
+    def run(name: str, metric: str, seed: int = 2) -> float:
         model = models[name.removesuffix("_skip")]
         with _skipping(model, name):
             if metric == "prefill":
                 return prefill_tps(model, args.prefill_tokens, device)
-            return decode_tps(model, int(metric.split("_")[1]), args.new_tokens, device, compiled=args.compile)
+            return decode_tps(model, int(metric.split("_")[1]), args.new_tokens, device, compiled=args.compile,
+                              seed=seed)
 
     metrics = ["decode_1", "decode_16", "prefill"]
     for metric in metrics:  # warm-up: first calls at each shape allocate and pick kernels
@@ -226,7 +261,7 @@ def measure(models: dict[str, Any], names: list[str], args: argparse.Namespace,
         shift = round_ % len(names)  # each round starts from another variant: no variant always runs first
         for metric in metrics:
             for name in names[shift:] + names[:shift]:
-                times[name][metric].append(run(name, metric))
+                times[name][metric].append(run(name, metric, round_seeds(args.repeats)[round_]))
         print(f"   round {round_ + 1}/{args.repeats}: " + ", ".join(
             f"{n} {times[n]['decode_1'][-1]:.1f}/{times[n]['decode_16'][-1]:.1f}" for n in names), flush=True)
     return times
@@ -353,12 +388,16 @@ def report(results: dict[str, Any]) -> str:
     lines = [title, "",
              f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
              f"{results['layers']} decoder layers with real layer proportions (see `benchmarks/speed.py`); "
-             f"greedy decode of {results['new_tokens']} new tokens at batch 1 and 16, prefill of "
-             f"{results['prefill_tokens']} tokens. Each cell: median tokens/s over {results['repeats']} rounds"
+             f"greedy decode of {results['new_tokens']} new tokens at batch 1 and 16"
+             + (" (tokens/s of the decode steps, the prompt's prefill left out; each round its own random 8-token "
+                "prompts, the same for every variant)" if results.get("decode_steps_only") else "")
+             + f", prefill of {results['prefill_tokens']} tokens. Each cell: median tokens/s over "
+             f"{results['repeats']} rounds"
              + (" (each round starting from another variant)" if results.get("rotated") else "") + ", and "
              "the median ratio to the full model measured in the same round [min-max over rounds]. Skipped share: "
              "chosen expert slots skipped on the calibration tokens (in brackets, where measured: in the timed "
-             "decode steps at batch 1 / 16)"
+             "decode steps at batch 1 / 16" + (", over every round's prompts" if results.get("prompt_per_round") else "")
+             + ")"
              + (f", with every skipping threshold scaled so that {share:g} of the slots are skipped on them "
                 "(SkipCalibration's share, with the strength it took; quality at such shares: "
                 "section Skipping strength against quality)." if share is not None
@@ -534,6 +573,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.results:
             write_section(Path(args.results), section_name(results), report(results))
         return results
+    if args.new_tokens < 2:
+        ap.error(f"--new-tokens: a decode rate needs at least 2, got {args.new_tokens}")
     if not args.skip_strength > 0:
         ap.error(f"--skip-strength: must be > 0, got {args.skip_strength!r}")
     if args.skip_share is not None and not 0 < args.skip_share < 1:
@@ -558,6 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.speed", *shown]), "compiled": args.compile,
                                "skip_strength": args.skip_strength, "skip_share": args.skip_share,
                                "skip_shares": args.skip_shares, "rotated": True,
+                               "decode_steps_only": True, "prompt_per_round": True,
                                "machine": machine(device), "device": device.type, "layers": args.layers,
                                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                                "repeats": args.repeats, "runs": {}}
@@ -569,7 +611,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times = measure(models, names, args, device)
             for base in (n.removesuffix("_skip") for n in names if n.endswith("_skip")):
                 facts[base]["decode_skipped_share"] = {  # beside the calibration tokens' share
-                    f"decode_{b}": decode_skipped_share(models[base], b, args.new_tokens, device) for b in (1, 16)}
+                    f"decode_{b}": decode_skipped_share(models[base], b, args.new_tokens, device,
+                                                       seeds=round_seeds(args.repeats)) for b in (1, 16)}
             results["runs"][key] = {"facts": facts, "variants": names, "times": times, "summary": summarise(times),
                                     # the profile's hooks time eager modules: it says nothing of a compiled step
                                     "profile": None if args.compile else profiles(models, names, args, device)}

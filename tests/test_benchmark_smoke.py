@@ -394,4 +394,34 @@ def test_the_decode_skipped_share_counts_the_decode_steps(gamma, share):
     blocks = get_family(model).blocks(model)
     model.diep_skipping = install_skipping(model, {b.index: torch.full((8, 8), gamma) for b in blocks})
     assert speed.decode_skipped_share(model, 2, 4, torch.device("cpu")) == share
+    assert speed.decode_skipped_share(model, 1, 3, torch.device("cpu"), seeds=(5, 6, 7)) == share
     assert not model.diep_skipping.counting and model.diep_skipping.stats[blocks[0].index] == [0, 0]
+
+
+def test_the_decode_rate_times_the_decode_steps_alone(monkeypatch):
+    """The clock's window opens after the prompt's prefill forward and holds exactly new_tokens - 1 forwards (the
+    decode steps), so the prompt's prefill is not in a variant's decode rate; one token gives no rate."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import speed
+
+    model = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-mixtral").eval()
+    clocks, events = [], []
+    stock = speed.DecodeClock
+
+    class Recording(stock):
+        def __init__(self, *args):
+            super().__init__(*args)
+            clocks.append(self)
+
+    monkeypatch.setattr(speed, "DecodeClock", Recording)
+    model.register_forward_hook(lambda m, a, kw, out: events.append((kw["input_ids"].shape[1], clocks[-1].calls)),
+                                with_kwargs=True)
+    rate = speed.decode_tps(model, 2, 5, torch.device("cpu"), prompt_len=6, seed=3)
+    assert rate > 0 and len(clocks[0].marks) == 2
+    assert events[0] == (6, 0)  # the prefill ran before the window opened
+    assert [calls for _, calls in events[1:]] == [1, 2, 3, 4]  # four decode steps inside it, one token each
+    assert all(length == 1 for length, _ in events[1:])
+    with pytest.raises(ValueError, match="new_tokens"):
+        speed.decode_tps(model, 1, 1, torch.device("cpu"))
