@@ -375,16 +375,23 @@ def _setting(results: dict[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
+def _dtype_suffix(results: dict[str, Any]) -> str:
+    """Section suffix of a run without float32 (a bf16-only run keeps the fp32 section it would otherwise replace)."""
+    dtypes = results.get("dtypes") or list(dict.fromkeys(key.split(" ")[1] for key in results["runs"]))
+    return "" if "float32" in dtypes else "_" + "_".join(dtypes)
+
+
 def section_name(results: dict[str, Any]) -> str:
     """RESULTS.md section of a run: one per device, and one per skipping setting other than the paper's."""
-    return f"speed_{results['device']}" + ("_compiled" if results.get("compiled") else "") + _setting(results)[0]
+    return (f"speed_{results['device']}" + ("_compiled" if results.get("compiled") else "") + _setting(results)[0]
+            + _dtype_suffix(results))
 
 
 def report(results: dict[str, Any]) -> str:
     device = results["device"]
     share, strength = results.get("skip_share"), results.get("skip_strength", 1.0)
     title = (f"## Speed at real layer shapes ({device}" + (", compiled decode step" if results.get("compiled") else "")
-             + ")" + _setting(results)[1])
+             + _dtype_suffix(results).replace("_", ", ") + ")" + _setting(results)[1])
     lines = [title, "",
              f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
              f"{results['layers']} decoder layers with real layer proportions (see `benchmarks/speed.py`); "
@@ -600,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "skip_strength": args.skip_strength, "skip_share": args.skip_share,
                                "skip_shares": args.skip_shares, "rotated": True,
                                "decode_steps_only": True, "prompt_per_round": True,
+                               "dtypes": args.dtypes.split(","),
                                "machine": machine(device), "device": device.type, "layers": args.layers,
                                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                                "repeats": args.repeats, "runs": {}}

@@ -425,3 +425,37 @@ def test_the_decode_rate_times_the_decode_steps_alone(monkeypatch):
     assert all(length == 1 for length, _ in events[1:])
     with pytest.raises(ValueError, match="new_tokens"):
         speed.decode_tps(model, 1, 1, torch.device("cpu"))
+
+
+def test_expert_matmul_times_each_rows_setting_and_refuses_bad_rows(tmp_path, capsys):
+    """A tiny run times every rows setting per dtype into JSON and a RESULTS.md section, re-renders from that JSON,
+    and stops in one line (no traceback) on rows it cannot time."""
+    from benchmarks import expert_matmul
+
+    results_md = tmp_path / "RESULTS.md"
+    out = tmp_path / "em.json"
+    results = expert_matmul.main(["--hidden", "64", "--rows", "1,4", "--pool-mb", "1", "--repeats", "2",
+                                  "--dtypes", "float32,bfloat16", "--out", str(out), "--results", str(results_md)])
+    assert set(results["runs"]) == {f"{d} {k}" for d in ("float32", "bfloat16") for k in ("grouped", "loop")}
+    for run in results["runs"].values():
+        assert set(run["seconds"]) == {"1", "4"} and all(s > 0 for s in run["seconds"].values())
+        assert run["layers"] >= 2
+    text = results_md.read_text()
+    assert "<!-- expert_matmul:begin -->" in text and "| float32 loop |" in text and "4 rows take" in text
+    results_md.write_text("")
+    assert expert_matmul.main(["--from", str(out), "--results", str(results_md)]) == json.loads(out.read_text())
+    assert "| bfloat16 grouped |" in results_md.read_text()
+    for bad in (["--rows", "0,2"], ["--rows", "a"], ["--dtypes", "int8"], ["--kernels", "cublas"]):
+        with pytest.raises(SystemExit):
+            expert_matmul.main(bad + ["--results", ""])
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("python -m benchmarks.expert_matmul: error: --")
+        assert "Traceback" not in err
+
+
+def test_the_rows_note_tells_a_weight_bound_kernel_from_a_growing_one():
+    from benchmarks.expert_matmul import rows_note
+
+    assert "reading the weights bounds" in rows_note({"seconds": {"1": 1.0, "4": 1.05}})
+    assert "grows with rows" in rows_note({"seconds": {"1": 1.0, "4": 2.0}})
+    assert rows_note({"seconds": {"2": 1.0}}) == ""

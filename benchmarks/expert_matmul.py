@@ -1,0 +1,198 @@
+"""Time of an expert's matmuls against the rows they multiply, with the weights read from memory (not cache).
+
+Skipping a slot removes a row from its expert's matmul. Where reading the expert's weights bounds the matmul, its
+time is flat in rows, and at batch 16 (every expert used by some token) skipping saves almost nothing; where the
+kernel's time grows with rows, skipped rows pay. This tells which case a machine and dtype are in, through the
+kernels the experts forward uses (every expert given the same rows): ``grouped``, torch's grouped matmul (eager), and
+``loop``, transformers' per-expert ``mm`` fallback (what a compiled step runs for weights other than bf16).
+
+    python -m benchmarks.expert_matmul                       # Mixtral-like experts, fp32 and bf16, CPU
+    python -m benchmarks.expert_matmul --device cuda --dtypes bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.sections import write_section
+from benchmarks.speed import SHAPES, _sync, machine
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def expert_shapes(shape: str, hidden: int | None = None) -> tuple[int, int, int]:
+    """(experts, hidden, expert intermediate) of a benchmarks.speed shape; ``hidden`` scales both widths."""
+    spec = SHAPES[shape]
+    n = spec.get("num_local_experts", spec.get("num_experts"))
+    h, i = spec["hidden_size"], spec.get("moe_intermediate_size", spec["intermediate_size"])
+    if hidden is not None:
+        i, h = max(8, i * hidden // h), hidden
+    return n, h, i
+
+
+def pool(n: int, h: int, i: int, dtype: torch.dtype, device: torch.device, pool_mb: int) -> list[tuple[Any, Any]]:
+    """Enough layers of fused gate-up (n, 2i, h) and down (n, h, i) expert weights to fill ``pool_mb``, so that
+    cycling through them reads each from memory, as a decode step over many layers does."""
+    per_layer = 3 * n * h * i * torch.tensor([], dtype=dtype).element_size()
+    layers = max(2, -(-pool_mb * 2**20 // per_layer))
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, 2 * i, h, generator=gen).to(device, dtype),
+             torch.randn(n, h, i, generator=gen).to(device, dtype)) for _ in range(layers)]
+
+
+def _matmul(kernel: str) -> Any:
+    """(input, weight (n, out, in), offsets) -> output through ``kernel``: torch's grouped matmul, as transformers'
+    ``_grouped_linear`` calls it, or transformers' per-expert mm fallback."""
+    from transformers.integrations import moe
+
+    if kernel == "grouped":
+        return lambda x, w, offs: moe._grouped_linear(x, w, offs)
+    return lambda x, w, offs: torch.ops.transformers.grouped_mm_fallback(x, w.transpose(-2, -1), offs=offs)
+
+
+@torch.no_grad()
+def time_rows(weights: list[tuple[Any, Any]], rows: int, device: torch.device, repeats: int,
+              kernel: str = "grouped") -> float:
+    """Median over ``repeats`` sweeps of the seconds per expert matrix (gate-up and down, one expert) when every
+    expert multiplies ``rows`` rows, each sweep one grouped matmul pair per layer of the pool."""
+    linear = _matmul(kernel)
+    n, two_i, h = weights[0][0].shape
+    dtype = weights[0][0].dtype
+    offs = torch.arange(1, n + 1, device=device, dtype=torch.int32) * rows
+    x = torch.randn(n * rows, h, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+    def sweep() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for gate_up, down in weights:
+            y = linear(x, gate_up, offs)
+            linear(y[:, : two_i // 2].contiguous(), down, offs)
+        _sync(device)
+        return (time.perf_counter() - start) / (len(weights) * n)
+
+    sweep()  # first call: kernel choice and allocation
+    return statistics.median(sweep() for _ in range(repeats))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    n, h, i = expert_shapes(args.shape, args.hidden)
+    shown = args.argv if args.argv is not None else sys.argv[1:]
+    results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.expert_matmul", *shown]),
+                               "machine": machine(device), "device": device.type, "shape": args.shape,
+                               "experts": n, "hidden": h, "intermediate": i, "pool_mb": args.pool_mb,
+                               "repeats": args.repeats, "runs": {}}
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        weights = pool(n, h, i, dtype, device, args.pool_mb)
+        matrix_bytes = 3 * h * i * torch.tensor([], dtype=dtype).element_size()
+        for kernel in args.kernels:
+            seconds = {r: time_rows(weights, r, device, args.repeats, kernel) for r in args.rows}
+            results["runs"][f"{dtype_name} {kernel}"] = {"matrix_bytes": matrix_bytes, "layers": len(weights),
+                                                         "seconds": {str(r): s for r, s in seconds.items()}}
+            print(f"== {dtype_name} {kernel}: " + ", ".join(f"{r} rows {s * 1e3:.3f} ms" for r, s in seconds.items()),
+                  flush=True)
+        del weights
+    return results
+
+
+def rows_note(run: dict[str, Any]) -> str:
+    """Whether the matmul time grows with rows from 1 to 4 (where batch 16 puts about 4 rows on each of 8 experts)."""
+    seconds = {int(r): s for r, s in run["seconds"].items()}
+    if 1 not in seconds or 4 not in seconds:
+        return ""
+    growth = seconds[4] / seconds[1]
+    if growth < 1.15:
+        return (f"4 rows take {growth:.2f}x one row's time: reading the weights bounds the matmul, so skipping rows of "
+                "an expert some token still uses saves little")
+    return (f"4 rows take {growth:.2f}x one row's time: the kernel's time grows with rows, so skipped rows pay even "
+            "where every expert is still used")
+
+
+def report(results: dict[str, Any]) -> str:
+    rows = sorted({int(r) for run in results["runs"].values() for r in run["seconds"]})
+    lines = [f"## Expert matmul time against rows ({results['device']})", "",
+             f"Measured by: `{results['command']}` on {results['machine']}. {results['shape'].capitalize()}-like "
+             f"experts ({results['experts']} x hidden {results['hidden']}, intermediate {results['intermediate']}), "
+             f"the experts forward's matmuls (gate-up, then down; kernel grouped: torch's grouped matmul, loop: "
+             f"transformers' per-expert mm fallback, what a compiled step runs for weights other than bf16) with "
+             f"every expert given the same rows, over "
+             f"a {results['pool_mb']} MB pool of layers so that the weights come from memory; median of "
+             f"{results['repeats']} sweeps. Per expert: milliseconds, weight GB/s (its matrices' bytes over the "
+             "time), and the time relative to one row.", "",
+             "| dtype, kernel | " + " | ".join(f"{r} row" + "s" * (r > 1) for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for key, run in results["runs"].items():
+        one = run["seconds"].get("1")
+        cells = []
+        for r in rows:
+            s = run["seconds"].get(str(r))
+            cells.append("-" if s is None else f"{s * 1e3:.3f} ms, {run['matrix_bytes'] / s / 1e9:.1f} GB/s"
+                         + (f", {s / one:.2f}x" if one else ""))
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    notes = [f"- {key}: {rows_note(run)}." for key, run in results["runs"].items() if rows_note(run)]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def section_name(results: dict[str, Any]) -> str:
+    return "expert_matmul" + ("" if results["device"] == "cpu" else "_" + results["device"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.expert_matmul", description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="mixtral", choices=list(SHAPES))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,8,16", help="comma-separated rows per expert")
+    ap.add_argument("--kernels", default="grouped,loop", help="comma-separated: grouped, loop")
+    ap.add_argument("--hidden", type=int, default=None, help="scale the widths to this hidden size (quick checks)")
+    ap.add_argument("--pool-mb", type=int, default=1536, help="weights cycled through (larger than the caches)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="the run's JSON (default benchmarks/<section>.json)")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
+                    help="RESULTS.md to put the section into ('' for none)")
+    ap.add_argument("--from", dest="from_json", default=None,
+                    help="render the RESULTS.md section from an earlier run's JSON, measuring nothing")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+    else:
+        try:
+            args.rows = [int(r) for r in args.rows.split(",")]
+        except ValueError:
+            ap.error(f"--rows: expected comma-separated whole numbers, got {args.rows!r}")
+        if not args.rows or min(args.rows) < 1:
+            ap.error(f"--rows: each must be >= 1, got {args.rows}")
+        args.dtypes = [d for d in args.dtypes.split(",") if d]
+        bad = [d for d in args.dtypes if d not in ("float32", "bfloat16", "float16")]
+        if bad or not args.dtypes:
+            ap.error(f"--dtypes: choose from float32, bfloat16, float16; got {bad or args.dtypes}")
+        args.kernels = [k for k in args.kernels.split(",") if k]
+        if not args.kernels or not set(args.kernels) <= {"grouped", "loop"}:
+            ap.error(f"--kernels: choose from grouped, loop; got {args.kernels}")
+        if args.repeats < 1 or args.pool_mb < 1:
+            ap.error(f"--repeats/--pool-mb: must be >= 1, got {args.repeats}/{args.pool_mb}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        results = run(args)
+        out = Path(args.out or REPO / "benchmarks" / f"{section_name(results)}.json")
+        out.write_text(json.dumps(results, indent=1))
+    if args.results:
+        write_section(Path(args.results), section_name(results), report(results))
+    print(report(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
