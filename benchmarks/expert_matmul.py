@@ -43,9 +43,9 @@ def pool(n: int, h: int, i: int, dtype: torch.dtype, device: torch.device, pool_
     cycling through them reads each from memory, as a decode step over many layers does."""
     per_layer = 3 * n * h * i * torch.tensor([], dtype=dtype).element_size()
     layers = max(2, -(-pool_mb * 2**20 // per_layer))
-    gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(n, 2 * i, h, generator=gen).to(device, dtype),
-             torch.randn(n, h, i, generator=gen).to(device, dtype)) for _ in range(layers)]
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn where they live: no host copy of the pool
+    return [(torch.randn(n, 2 * i, h, generator=gen, device=device, dtype=dtype),
+             torch.randn(n, h, i, generator=gen, device=device, dtype=dtype)) for _ in range(layers)]
 
 
 def _matmul(kernel: str) -> Any:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of this project in one run, sized for a lent GPU's few minutes (each step has its own time limit,
 # so one slow step cannot eat the others): the cuda tests, skipping's cost eager and with the decode step compiled
-# (CUDA graphs), and the search's cost against its floor. Results land in $OUT (default /tmp/gpu_checks).
+# (CUDA graphs), an expert's matmul time against its rows, and the search's cost against its floor. Results land in $OUT (default /tmp/gpu_checks).
 #
 #   bash tools/gpu_checks.sh --prepare   # here, with network: wheels the GPU image lacks, into .whl/
 #   bash tools/gpu_checks.sh             # there, in the repository root (carry .whl)
@@ -55,11 +55,13 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log into $OUT/s
   [ $rc -eq 0 ] || status=1
 }
 
-step 150 cuda_tests python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
+step 140 cuda_tests python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
 step 90 skip_eager python3 -m benchmarks.skip_overhead --models mixtral,qwen3 --device cuda --dtype bfloat16 \
   --rounds 3 --out "$OUT/skip_overhead_shapes_cuda_bfloat16.json" --results ''
-step 170 skip_compiled python3 -m benchmarks.skip_overhead --models mixtral,qwen3 --device cuda --dtype bfloat16 \
+step 160 skip_compiled python3 -m benchmarks.skip_overhead --models mixtral,qwen3 --device cuda --dtype bfloat16 \
   --paths off,lean --compile --rounds 3 --out "$OUT/skip_overhead_shapes_cuda_bfloat16_compiled.json" --results ''
-step 150 search_cost python3 -m benchmarks.search_cost --device cuda --sizes 256x4,1024x4 --repeats 2 \
+step 40 expert_matmul python3 -m benchmarks.expert_matmul --device cuda --dtypes bfloat16 \
+  --out "$OUT/expert_matmul_cuda.json" --results ''
+step 140 search_cost python3 -m benchmarks.search_cost --device cuda --sizes 256x4,1024x4 --repeats 2 \
   --out "$OUT/search_cost_cuda.json" --results "$OUT/RESULTS.md"
 exit $status
