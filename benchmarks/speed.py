@@ -274,14 +274,16 @@ def profiles(models: dict[str, Any], names: list[str], args: argparse.Namespace,
     for name in names:
         model = models[name.removesuffix("_skip")]
         with _skipping(model, name):
-            out[name] = {f"decode_{b}": profile(model, b, args.new_tokens, device) for b in (1, 16)}
+            out[name] = {f"decode_{b}": profile(model, b, args.new_tokens, device, round_seeds(args.repeats))
+                         for b in (1, 16)}
     return out
 
 
 @contextlib.contextmanager
-def _timed_grouped_matmuls(device: torch.device, spent: list[float]) -> Any:
-    """Add the time of every grouped matmul of transformers' ``grouped_mm`` experts path to ``spent[0]``: the part
-    of the experts' time that reads expert weights, as opposed to routing, sorting, gathering and activations."""
+def _timed_grouped_matmuls(device: torch.device, spent: list[float], counting: list[bool]) -> Any:
+    """Add the time of every grouped matmul of transformers' ``grouped_mm`` experts path to ``spent[0]`` while
+    ``counting[0]``: the part of the experts' time that reads expert weights, as opposed to routing, sorting,
+    gathering and activations."""
     from transformers.integrations import moe
 
     stock = getattr(moe, "_grouped_mm", None)
@@ -290,6 +292,8 @@ def _timed_grouped_matmuls(device: torch.device, spent: list[float]) -> Any:
         return
 
     def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not counting[0]:
+            return stock(*args, **kwargs)
         _sync(device)
         start = time.perf_counter()
         out = stock(*args, **kwargs)
@@ -305,17 +309,22 @@ def _timed_grouped_matmuls(device: torch.device, spent: list[float]) -> Any:
 
 
 @torch.no_grad()
-def profile(model: Any, batch: int, new_tokens: int, device: torch.device) -> dict[str, float]:
-    """Where decode time goes: the share spent inside the experts modules and, of that, inside their grouped
-    matmuls, and the share of (layer, step) expert weight matrices that no token used (only those are reads that
-    skipping or pruning can save)."""
+def profile(model: Any, batch: int, new_tokens: int, device: torch.device,
+            seeds: tuple[int, ...] = (2,)) -> dict[str, float]:
+    """Where the timed decode steps' time goes, over the prompts of ``seeds``: the share spent inside the experts
+    modules and, of that, inside their grouped matmuls, and the share of (layer, step) expert weight matrices that
+    some token used (only unused ones are reads that skipping or pruning can save). The prompt's prefill is left out,
+    as in :func:`decode_tps`: only calls with one token per sequence count, against the decode steps' time."""
     from diep_lightning.families import get_family
     from diep_lightning.skipping import skip_mask
 
-    spent, matmuls, used, seen = [0.0], [0.0], [0], [0]
+    spent, matmuls, used, seen, counting = [0.0], [0.0], [0], [0], [False]
     starts: dict[int, float] = {}
 
     def pre(module: Any, args: Any) -> None:
+        counting[0] = args[0].shape[0] == batch  # a decode step, not the prompt's prefill
+        if not counting[0]:
+            return
         _sync(device)
         starts[id(module)] = time.perf_counter()
         idx, w = args[1], args[2]
@@ -326,19 +335,24 @@ def profile(model: Any, batch: int, new_tokens: int, device: torch.device) -> di
         seen[0] += module.num_experts
 
     def post(module: Any, args: Any, out: Any) -> None:
-        _sync(device)
-        spent[0] += time.perf_counter() - starts.pop(id(module))
+        if counting[0]:
+            _sync(device)
+            spent[0] += time.perf_counter() - starts.pop(id(module))
+        counting[0] = False
 
     blocks = get_family(model).blocks(model)
     handles = [h for b in blocks for h in (b.experts.register_forward_pre_hook(pre), b.experts.register_forward_hook(post))]
-    with _timed_grouped_matmuls(device, matmuls):
-        start = time.perf_counter()
-        decode_tps(model, batch, new_tokens, device)
-        total = time.perf_counter() - start
-    for handle in handles:
-        handle.remove()
+    total = 0.0
+    try:
+        with _timed_grouped_matmuls(device, matmuls, counting):
+            for seed in seeds:
+                total += batch * (new_tokens - 1) / decode_tps(model, batch, new_tokens, device, seed=seed)
+    finally:
+        for handle in handles:
+            handle.remove()
     return {"experts_time_share": spent[0] / total, "experts_used_share": used[0] / max(1, seen[0]),
-            "matmul_time_share": matmuls[0] / total if matmuls[0] else None, "total_s": total}
+            "matmul_time_share": matmuls[0] / total if matmuls[0] else None, "total_s": total,
+            "decode_steps_only": True}
 
 
 def summarise(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -435,7 +449,10 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {facts[base]['expert_bytes']:,} | {skipped} | " + " | ".join(cells) + " |")
         prof = entry.get("profile")
         if prof:
-            lines += ["", "Where decode time goes (one untimed run with hooks on the experts modules): share of the time "
+            steps_only = prof["full"]["decode_1"].get("decode_steps_only")
+            lines += ["", "Where decode time goes (" + ("untimed runs over every round's prompts, decode steps only"
+                                                         if steps_only else "one untimed run")
+                      + ", with hooks on the experts modules): share of the time "
                       "inside the experts, of it inside their grouped matmuls (the expert weights' reads), and share of "
                       "(layer, step) expert weight matrices some token used:", "",
                       "| variant | b=1 experts time | b=1 matmuls time | b=1 experts used | b=16 experts time | "

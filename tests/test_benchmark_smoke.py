@@ -459,3 +459,22 @@ def test_the_rows_note_tells_a_weight_bound_kernel_from_a_growing_one():
     assert "reading the weights bounds" in rows_note({"seconds": {"1": 1.0, "4": 1.05}})
     assert "grows with rows" in rows_note({"seconds": {"1": 1.0, "4": 2.0}})
     assert rows_note({"seconds": {"2": 1.0}}) == ""
+
+
+def test_the_profile_counts_the_decode_steps_alone():
+    """With every non-top slot skipped, each batch-1 decode step uses exactly one expert per layer: the used share is
+    1/N only if the prompt's prefill (8 tokens, several experts) stays out, over every prompt given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import speed
+    from diep_lightning.families import get_family
+    from diep_lightning.skipping import install_skipping
+
+    model = AutoModelForCausalLM.from_pretrained(REPO / "models" / "tiny-mixtral").eval()
+    blocks = get_family(model).blocks(model)
+    n = model.config.num_local_experts
+    model.diep_skipping = install_skipping(model, {b.index: torch.full((n, n), 1e9) for b in blocks})
+    prof = speed.profile(model, 1, 4, torch.device("cpu"), seeds=(1, 2))
+    assert prof["experts_used_share"] == 1 / n
+    assert 0 < prof["experts_time_share"] < 1 and prof["decode_steps_only"]
