@@ -82,6 +82,71 @@ def time_rows(weights: list[tuple[Any, Any]], rows: int, device: torch.device, r
     return statistics.median(sweep() for _ in range(repeats))
 
 
+@torch.no_grad()
+def routed_rows(shape: str, hidden: int | None, batch: int, seeds: tuple[int, ...],
+                new_tokens: int = 32) -> dict[str, dict[str, int]]:
+    """How many rows each expert gets in the decode steps of benchmarks.speed's random model of ``shape`` (4 layers,
+    skipping calibrated by the paper's rule), without and with skipping: ``{"off"|"on": {rows: count of (layer,
+    step, expert)}}``, over greedy decodes of the prompts of ``seeds``."""
+    import contextlib
+
+    from benchmarks import speed
+    from diep_lightning.families import get_family
+    from diep_lightning.skipping import calibrate_skipping, skip_mask
+
+    model = speed.build(shape, 4, 2048, torch.float32, hidden=hidden)
+    calibrate_skipping(model, speed.calibration(2048))
+    histograms: dict[str, dict[str, int]] = {"off": {}, "on": {}}
+    setting = ["off"]
+
+    def pre(module: Any, args: Any) -> None:
+        idx, w = args[1], args[2]
+        if args[0].shape[0] != batch:  # the prompt's prefill
+            return
+        if setting[0] == "on":
+            idx = idx[~skip_mask(module.diep_skip, idx, w)]
+        for rows in torch.bincount(idx.flatten(), minlength=module.num_experts).tolist():
+            histograms[setting[0]][str(rows)] = histograms[setting[0]].get(str(rows), 0) + 1
+
+    handles = [b.experts.register_forward_pre_hook(pre) for b in get_family(model).blocks(model)]
+    try:
+        for name in ("off", "on"):
+            setting[0] = name
+            with model.diep_skipping.disabled() if name == "off" else contextlib.nullcontext():
+                for seed in seeds:
+                    prompt = speed.prompt_ids(model.config.vocab_size, batch, 8, seed)
+                    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return histograms
+
+
+def matmul_seconds(seconds: dict[str, float], rows: int) -> float:
+    """An expert's matmul time at ``rows`` from the measured curve: 0 for an unused expert, linear between measured
+    rows, extended by the last segment's slope past the largest."""
+    xs = sorted(int(r) for r in seconds)
+    ys = [seconds[str(r)] for r in xs]
+    if rows == 0:
+        return 0.0
+    if rows <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if rows <= x1:
+            return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+    return ys[-1] + slope * (rows - xs[-1])
+
+
+def predicted_gain(seconds: dict[str, float], histograms: dict[str, dict[str, int]]) -> float:
+    """The experts' matmul time without skipping over that with it, if each expert's matmul cost what the curve says
+    for the rows it got."""
+    total = {name: sum(count * matmul_seconds(seconds, int(rows)) for rows, count in hist.items())
+             for name, hist in histograms.items()}
+    return total["off"] / total["on"]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     n, h, i = expert_shapes(args.shape, args.hidden)
@@ -101,6 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"== {dtype_name} {kernel}: " + ", ".join(f"{r} rows {s * 1e3:.3f} ms" for r, s in seconds.items()),
                   flush=True)
         del weights
+    if args.predict:
+        results["routing"] = {f"batch_{b}": routed_rows(args.shape, args.hidden, b, tuple(100 + r for r in range(5)))
+                              for b in (1, 16)}
     return results
 
 
@@ -138,7 +206,26 @@ def report(results: dict[str, Any]) -> str:
                          + (f", {s / one:.2f}x" if one else ""))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     notes = [f"- {key}: {rows_note(run)}." for key, run in results["runs"].items() if rows_note(run)]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    lines += [""] + notes if notes else []
+    routing = results.get("routing")
+    if routing:
+        lines += ["", f"What that predicts for skipping: the rows each expert gets in the decode steps of the "
+                  f"{results['shape'].capitalize()}-like random model of `benchmarks.speed` (4 layers, skipping "
+                  "calibrated by the paper's rule, greedy decode of 32 tokens from 5 prompts per batch size), costed "
+                  "with the curve above; the experts' matmul time without skipping over that with skipping (the "
+                  "whole step gains less: attention, routing and the rest stay).", "",
+                  "| dtype, kernel | " + " | ".join(f"batch {b.split('_')[1]}" for b in routing) + " |",
+                  "|---|" + "---|" * len(routing)]
+        for key, run in results["runs"].items():
+            lines.append(f"| {key} | " + " | ".join(f"{predicted_gain(run['seconds'], hist):.2f}x"
+                                                    for hist in routing.values()) + " |")
+        used = []
+        for batch, hist in routing.items():
+            shares = {name: 1 - h.get("0", 0) / sum(h.values()) for name, h in hist.items()}
+            used.append(f"batch {batch.split('_')[1]} {shares['off']:.2f} -> {shares['on']:.2f}")
+        lines += ["", "Share of (layer, step, expert) matrices some token used, without -> with skipping: "
+                  + "; ".join(used) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def section_name(results: dict[str, Any]) -> str:
@@ -154,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--hidden", type=int, default=None, help="scale the widths to this hidden size (quick checks)")
     ap.add_argument("--pool-mb", type=int, default=1536, help="weights cycled through (larger than the caches)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-predict", dest="predict", action="store_false",
+                    help="leave out the prediction from benchmarks.speed's routing (builds and decodes its model)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="the run's JSON (default benchmarks/<section>.json)")

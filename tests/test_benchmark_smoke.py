@@ -440,8 +440,15 @@ def test_expert_matmul_times_each_rows_setting_and_refuses_bad_rows(tmp_path, ca
     for run in results["runs"].values():
         assert set(run["seconds"]) == {"1", "4"} and all(s > 0 for s in run["seconds"].values())
         assert run["layers"] >= 2
+    for batch, steps in ((1, 1), (16, 16)):
+        hist = results["routing"][f"batch_{batch}"]
+        entries = {name: sum(h.values()) for name, h in hist.items()}
+        rows = {name: sum(int(r) * c for r, c in h.items()) for name, h in hist.items()}
+        assert entries["off"] == entries["on"] == 4 * 31 * 5 * 8  # layers x decode steps x prompts x experts
+        assert rows["off"] == 4 * 31 * 5 * steps * 2 > rows["on"] >= 4 * 31 * 5 * steps  # top-2; the top slot stays
     text = results_md.read_text()
     assert "<!-- expert_matmul:begin -->" in text and "| float32 loop |" in text and "4 rows take" in text
+    assert "What that predicts for skipping" in text
     results_md.write_text("")
     assert expert_matmul.main(["--from", str(out), "--results", str(results_md)]) == json.loads(out.read_text())
     assert "| bfloat16 grouped |" in results_md.read_text()
@@ -478,3 +485,12 @@ def test_the_profile_counts_the_decode_steps_alone():
     prof = speed.profile(model, 1, 4, torch.device("cpu"), seeds=(1, 2))
     assert prof["experts_used_share"] == 1 / n
     assert 0 < prof["experts_time_share"] < 1 and prof["decode_steps_only"]
+
+
+def test_the_matmul_curve_costs_rows_by_interpolation():
+    from benchmarks.expert_matmul import matmul_seconds, predicted_gain
+
+    curve = {"1": 1.0, "4": 2.0}
+    assert matmul_seconds(curve, 0) == 0.0 and matmul_seconds(curve, 1) == 1.0
+    assert matmul_seconds(curve, 2) == pytest.approx(4 / 3) and matmul_seconds(curve, 6) == pytest.approx(8 / 3)
+    assert predicted_gain(curve, {"off": {"4": 2}, "on": {"1": 1, "4": 1}}) == pytest.approx(4 / 3)
