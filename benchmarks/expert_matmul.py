@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.sections import write_section
+from benchmarks.sections import publish
 from benchmarks.speed import SHAPES, _sync, machine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,9 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = run(args)
         out = Path(args.out or REPO / "benchmarks" / f"{section_name(results)}.json")
         out.write_text(json.dumps(results, indent=1))
-    if args.results:
-        write_section(Path(args.results), section_name(results), report(results))
-    print(report(results))
+    publish(args.results, section_name(results), report(results))
     return results
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.sections import write_section
+from benchmarks.sections import publish, write_section
 from benchmarks.speed import _sync
 
 REPO = Path(__file__).resolve().parents[1]
@@ -352,9 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["fit"] = growth(results)
     results["projection"] = projection(results["rows"], args)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    if args.results:
-        write_section(Path(args.results), section_name(results), report(results))
-    print(report(results))
+    publish(args.results, section_name(results), report(results))
     return results
 
 

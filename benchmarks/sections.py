@@ -26,6 +26,13 @@ def write_section(results_md: Path, name: str, body: str) -> None:
     results_md.write_text(text)
 
 
+def publish(results_md: str | None, name: str, body: str) -> None:
+    """A benchmark's report: into RESULTS.md as section ``name`` unless ``results_md`` is empty, and printed."""
+    if results_md:
+        write_section(Path(results_md), name, body)
+    print(body)
+
+
 def kept_sections(text: str) -> str:
     """Every marked section of an earlier RESULTS.md, in order, to append to a rewritten report."""
     found = [m.group(0) for m in _SECTION.finditer(text)]

@@ -24,7 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.sections import write_section
+from benchmarks.sections import publish
 from benchmarks import speed
 from benchmarks.speed import machine, ratios
 
@@ -210,9 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
-        if args.results:
-            write_section(Path(args.results), section_name(results), report(results))
-        print(report(results))
+        publish(args.results, section_name(results), report(results))
         return results
     if args.rounds < 1:
         ap.error(f"--rounds: must be >= 1, got {args.rounds}")
@@ -243,9 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"== {model_dir}", flush=True)
         results["models"][Path(model_dir).name] = run_model(model_dir, args)
         Path(args.out).write_text(json.dumps(results, indent=1))
-    if args.results:
-        write_section(Path(args.results), section, report(results))
-    print(report(results))
+    publish(args.results, section, report(results))
     return results
 
 

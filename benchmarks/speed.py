@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.sections import write_section
+from benchmarks.sections import publish, write_section
 
 SHAPES: dict[str, dict[str, Any]] = {
     "mixtral": dict(model_type="mixtral", hidden_size=1024, intermediate_size=3584, num_local_experts=8,
@@ -643,9 +643,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     "profile": None if args.compile else profiles(models, names, args, device)}
             del models
             Path(args.out).write_text(json.dumps(results, indent=1))
-    if args.results:
-        write_section(Path(args.results), section_name(results), report(results))
-    print(report(results))
+    publish(args.results, section_name(results), report(results))
     return results
 
 
