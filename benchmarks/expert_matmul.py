@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.sections import publish
-from benchmarks.speed import SHAPES, _sync, machine
+from benchmarks.speed import SHAPES, _sync, machine, round_seeds
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   flush=True)
         del weights
     if args.predict:
-        results["routing"] = {f"batch_{b}": routed_rows(args.shape, args.hidden, b, tuple(100 + r for r in range(5)))
+        results["routing"] = {f"batch_{b}": routed_rows(args.shape, args.hidden, b, round_seeds(5))
                               for b in (1, 16)}
     return results
 

@@ -257,11 +257,12 @@ def measure(models: dict[str, Any], names: list[str], args: argparse.Namespace,
         for name in names:
             run(name, metric)
     times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in names}
+    seeds = round_seeds(args.repeats)
     for round_ in range(args.repeats):
         shift = round_ % len(names)  # each round starts from another variant: no variant always runs first
         for metric in metrics:
             for name in names[shift:] + names[:shift]:
-                times[name][metric].append(run(name, metric, round_seeds(args.repeats)[round_]))
+                times[name][metric].append(run(name, metric, seeds[round_]))
         print(f"   round {round_ + 1}/{args.repeats}: " + ", ".join(
             f"{n} {times[n]['decode_1'][-1]:.1f}/{times[n]['decode_16'][-1]:.1f}" for n in names), flush=True)
     return times
