@@ -314,12 +314,13 @@ def profile(model: Any, batch: int, new_tokens: int, device: torch.device,
             seeds: tuple[int, ...] = (2,)) -> dict[str, float]:
     """Where the timed decode steps' time goes, over the prompts of ``seeds``: the share spent inside the experts
     modules and, of that, inside their grouped matmuls, and the share of (layer, step) expert weight matrices that
-    some token used (only unused ones are reads that skipping or pruning can save). The prompt's prefill is left out,
+    some token used (only unused ones are reads that skipping or pruning can save), beside that share if each token ran
+    its top expert alone (the floor of any skipping that keeps the top expert). The prompt's prefill is left out,
     as in :func:`decode_tps`: only calls with one token per sequence count, against the decode steps' time."""
     from diep_lightning.families import get_family
     from diep_lightning.skipping import skip_mask
 
-    spent, matmuls, used, seen, counting = [0.0], [0.0], [0], [0], [False]
+    spent, matmuls, used, top_used, seen, counting = [0.0], [0.0], [0], [0], [0], [False]
     starts: dict[int, float] = {}
 
     def pre(module: Any, args: Any) -> None:
@@ -329,6 +330,7 @@ def profile(model: Any, batch: int, new_tokens: int, device: torch.device,
         _sync(device)
         starts[id(module)] = time.perf_counter()
         idx, w = args[1], args[2]
+        top_used[0] += int(torch.unique(idx.gather(-1, w.argmax(dim=-1, keepdim=True))).numel())
         state = getattr(module, "diep_skip", None)
         if state is not None and state.group.enabled:
             idx = idx[~skip_mask(state, idx, w)]
@@ -352,6 +354,7 @@ def profile(model: Any, batch: int, new_tokens: int, device: torch.device,
         for handle in handles:
             handle.remove()
     return {"experts_time_share": spent[0] / total, "experts_used_share": used[0] / max(1, seen[0]),
+            "top_only_used_share": top_used[0] / max(1, seen[0]),
             "matmul_time_share": matmuls[0] / total if matmuls[0] else None, "total_s": total,
             "decode_steps_only": True}
 
@@ -455,7 +458,9 @@ def report(results: dict[str, Any]) -> str:
                                                          if steps_only else "one untimed run")
                       + ", with hooks on the experts modules): share of the time "
                       "inside the experts, of it inside their grouped matmuls (the expert weights' reads), and share of "
-                      "(layer, step) expert weight matrices some token used:", "",
+                      "(layer, step) expert weight matrices some token used"
+                      + (" (in brackets: used if each token ran its top expert alone, the floor of any skipping share)"
+                         if "top_only_used_share" in prof["full"]["decode_1"] else "") + ":", "",
                       "| variant | b=1 experts time | b=1 matmuls time | b=1 experts used | b=16 experts time | "
                       "b=16 matmuls time | b=16 experts used |", "|---|---|---|---|---|---|---|"]
             for name in names:
@@ -463,8 +468,9 @@ def report(results: dict[str, Any]) -> str:
                 for metric in ("decode_1", "decode_16"):
                     p = prof[name][metric]
                     matmuls = p.get("matmul_time_share")
+                    top = p.get("top_only_used_share")
                     cells += [f"{p['experts_time_share']:.2f}", "-" if matmuls is None else f"{matmuls:.2f}",
-                              f"{p['experts_used_share']:.2f}"]
+                              f"{p['experts_used_share']:.2f}" + ("" if top is None else f" ({top:.2f})")]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += slow_bf16_lines(results) + overhead_bound_lines(results) + targets_lines(results)
@@ -533,7 +539,9 @@ def skipping_bounds(entry: dict[str, Any], metric: str, variant: str = "full_ski
     (the experts' time scales with the expert matrices some token still uses), ``compute`` (it scales with the
     chosen slots still computed) and, where the profile timed the grouped matmuls, ``matmuls`` (only the matmuls'
     time scales with the matrices used; routing, sorting and activations stay). With ``overhead``: the experts'
-    work outside the matmuls that skipping added, as a share of the full model's decode time."""
+    work outside the matmuls that skipping added, as a share of the full model's decode time. With ``any_share``
+    (where the profile counted it): the most any skipping that keeps each token's top expert could give in a step
+    bound by the expert weights it reads, whatever its share (every other slot skipped)."""
     prof = entry.get("profile")
     if not prof or metric not in prof.get("full", {}):
         return None
@@ -546,6 +554,9 @@ def skipping_bounds(entry: dict[str, Any], metric: str, variant: str = "full_ski
         bounds["matmuls"] = 1 / (1 - full["matmul_time_share"] * unused)
         rest = [(p["experts_time_share"] - p["matmul_time_share"]) * p["total_s"] for p in (full, skip)]
         bounds["overhead"] = (rest[1] - rest[0]) / full["total_s"]
+    if full.get("top_only_used_share") is not None:
+        reads = full.get("matmul_time_share") or full["experts_time_share"]
+        bounds["any_share"] = 1 / (1 - reads * (1 - full["top_only_used_share"] / full["experts_used_share"]))
     return bounds
 
 
@@ -559,6 +570,9 @@ def bounds_note(entry: dict[str, Any], name: str, metric: str) -> str:
     if "matmuls" in bounds:
         note += (f", {bounds['matmuls']:.2f}x if only the grouped matmuls shrink with the matrices used (the experts' "
                  f"other work added by skipping: {bounds['overhead']:+.1%} of the full model's time)")
+    if "any_share" in bounds:
+        note += (f"; at any share, weights-bound: {bounds['any_share']:.2f}x (each token's top expert alone still "
+                 "reads the matrices of the experts some token ranks first)")
     return note + " (from the profile above)."
 
 

@@ -278,6 +278,12 @@ def test_skipping_bounds_from_the_profile(tmp_path):
     bounds = speed.skipping_bounds(entry, "decode_1")
     assert abs(bounds["matmuls"] - 1 / (1 - 0.6 * 0.5)) < 1e-9 and abs(bounds["overhead"] - 0.05) < 1e-9
     assert "+5.0% of the full model's time" in speed.bounds_note(entry, "full_skip", "decode_1")
+    assert "any_share" not in bounds  # a profile from before the top experts alone were counted
+    # the top experts alone use 0.3 of the matrices against the full model's 0.5: at any share, 0.4 of the matmuls'
+    # 60% of the time can go
+    entry["profile"]["full"]["decode_1"]["top_only_used_share"] = 0.3
+    assert speed.skipping_bounds(entry, "decode_1")["any_share"] == pytest.approx(1 / (1 - 0.6 * 0.4))
+    assert "at any share, weights-bound: 1.32x" in speed.bounds_note(entry, "full_skip", "decode_1")
 
 
 def test_slow_bf16_is_flagged_only_where_bf16_prefill_is_slower():
@@ -485,6 +491,13 @@ def test_the_profile_counts_the_decode_steps_alone():
     prof = speed.profile(model, 1, 4, torch.device("cpu"), seeds=(1, 2))
     assert prof["experts_used_share"] == 1 / n
     assert 0 < prof["experts_time_share"] < 1 and prof["decode_steps_only"]
+    # at batch 4 the top experts alone are the floor: skipping every non-top slot reaches it exactly, no skipping
+    # stays above it (the second choices add experts no token ranks first)
+    skipped = speed.profile(model, 4, 4, torch.device("cpu"), seeds=(1, 2))
+    assert skipped["experts_used_share"] == skipped["top_only_used_share"]
+    with model.diep_skipping.disabled():
+        unskipped = speed.profile(model, 4, 4, torch.device("cpu"), seeds=(1, 2))
+    assert unskipped["experts_used_share"] > unskipped["top_only_used_share"] >= 1 / n
 
 
 def test_the_matmul_curve_costs_rows_by_interpolation():
