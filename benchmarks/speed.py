@@ -329,15 +329,15 @@ def profile(model: Any, batch: int, new_tokens: int, device: torch.device,
         counting[0] = args[0].shape[0] == batch  # a decode step, not the prompt's prefill
         if not counting[0]:
             return
-        _sync(device)
-        starts[id(module)] = time.perf_counter()
-        idx, w = args[1], args[2]
+        idx, w = args[1], args[2]  # counted before the experts' clock starts: the hook's own work is not theirs
         top_used[0] += int(torch.unique(idx.gather(-1, w.argmax(dim=-1, keepdim=True))).numel())
         state = getattr(module, "diep_skip", None)
         if state is not None and state.group.enabled:
             idx = idx[~skip_mask(state, idx, w)]
         used[0] += int(torch.unique(idx).numel())
         seen[0] += module.num_experts
+        _sync(device)
+        starts[id(module)] = time.perf_counter()
 
     def post(module: Any, args: Any, out: Any) -> None:
         if counting[0]:
