@@ -13,6 +13,9 @@ the time as they do in a 32-layer model.
 - ``mixtral``: hidden 1024, expert intermediate 3584 (1:3.5 as Mixtral), 8 experts, top-2.
 - ``qwen3``: hidden 1024, expert intermediate 384 (as Qwen3-30B-A3B's 2048:768), 64 experts, top-8 (Qwen3-MoE
   has no shared expert).
+- ``mixtral-8x7b``, ``qwen3-30b-a3b``: the real models' own layers (every width, head and expert count), a layer or
+  two of them (``--layers``): at a quarter of the width, per-layer fixed work (kernel launches, routing, norms)
+  takes a larger share of a step than in the real model, so these say what the narrower shapes cannot.
 
 Variants: the full model, the full model with skipping, 25% and 50% of each layer's experts pruned (uniform, by
 routing frequency on the calibration tokens), each pruned model with skipping. Skipping is calibrated exactly as
@@ -44,7 +47,15 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen3": dict(model_type="qwen3_moe", hidden_size=1024, moe_intermediate_size=384, intermediate_size=3072,
                   num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
                   mlp_only_layers=[], num_attention_heads=8, num_key_value_heads=2, head_dim=128),
+    # one decoder layer of each model at its own widths (a layer's weights: 2.8 GB and 1.2 GB in bf16)
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_local_experts=8,
+                         num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, moe_intermediate_size=768,
+                          intermediate_size=6144, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[], num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128),
 }
+FULL_WIDTH = ("mixtral-8x7b", "qwen3-30b-a3b")
 VARIANTS = ("full", "full_skip", "pruned_25", "pruned_25_skip", "pruned_50", "pruned_50_skip")
 
 
@@ -401,20 +412,33 @@ def _dtype_suffix(results: dict[str, Any]) -> str:
     return "" if "float32" in dtypes else "_" + "_".join(dtypes)
 
 
+def full_width(results: dict[str, Any]) -> bool:
+    """Whether the run timed the real models' own layers (its own RESULTS.md section)."""
+    return any(key.split(" ")[0] in FULL_WIDTH for key in results["runs"])
+
+
 def section_name(results: dict[str, Any]) -> str:
     """RESULTS.md section of a run: one per device, and one per skipping setting other than the paper's."""
-    return (f"speed_{results['device']}" + ("_compiled" if results.get("compiled") else "") + _setting(results)[0]
-            + _dtype_suffix(results))
+    return (f"speed_{results['device']}" + ("_full_width" if full_width(results) else "")
+            + ("_compiled" if results.get("compiled") else "") + _setting(results)[0] + _dtype_suffix(results))
 
 
 def report(results: dict[str, Any]) -> str:
     device = results["device"]
     share, strength = results.get("skip_share"), results.get("skip_strength", 1.0)
     title = (f"## Speed at real layer shapes ({device}" + (", compiled decode step" if results.get("compiled") else "")
-             + _dtype_suffix(results).replace("_", ", ") + ")" + _setting(results)[1])
+             + _dtype_suffix(results).replace("_", ", ") + ")" + _setting(results)[1]
+             + (", the real models' own layer widths" if full_width(results) else ""))
     lines = [title, "",
              f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
-             f"{results['layers']} decoder layers with real layer proportions (see `benchmarks/speed.py`); "
+             f"{results['layers']} decoder layer{'s' if results['layers'] != 1 else ''} "
+             + (f"scaled to hidden {results['hidden']} " if results.get("hidden") else "")
+             + ("of the real models' own widths (mixtral-8x7b: hidden 4096, expert intermediate 14336, 8 experts "
+                "top-2, 32 query and 8 key-value heads; qwen3-30b-a3b: hidden 2048, expert intermediate 768, 128 "
+                "experts top-8, 32 query and 4 key-value heads; vocabulary 2048: the LM head reads about 1% of a "
+                "batch-1 step's weights, as in Mixtral-8x7B, where Qwen3-30B-A3B's 152k-token head reads about 10%, "
+                "which would dilute what skipping and pruning save)" if full_width(results)
+                else "with real layer proportions") + " (see `benchmarks/speed.py`); "
              f"greedy decode of {results['new_tokens']} new tokens at batch 1 and 16"
              + (" (tokens/s of the decode steps, the prompt's prefill left out; each round its own random 8-token "
                 "prompts, the same for every variant)" if results.get("decode_steps_only") else "")
@@ -435,7 +459,7 @@ def report(results: dict[str, Any]) -> str:
                 if results.get("skip_shares") else "")
              + (" Decode: generate's decode step compiled (torch.compile, fullgraph, static cache; one graph per "
                 "model, skipping setting and batch, compiled in the warm-up); prefill eager." if results.get("compiled")
-                else ""), ""]
+                else "") + (f" {results['note']}" if results.get("note") else ""), ""]
     for key, entry in results["runs"].items():
         facts, summary, names = entry["facts"], entry["summary"], entry.get("variants", VARIANTS)
         lines += [f"### {key}", "", "| variant | expert bytes | skipped share | decode b=1 tok/s | x full | "
@@ -643,6 +667,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "decode_steps_only": True, "prompt_per_round": True,
                                "dtypes": args.dtypes.split(","),
                                "machine": machine(device), "device": device.type, "layers": args.layers,
+                               "hidden": args.hidden,
                                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                                "repeats": args.repeats, "runs": {}}
     for shape in args.shapes.split(","):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diep_lightning.calibration import BlockObservation, expert_outputs, linear_cka, observe_blocks
+from diep_lightning.calibration import BlockObservation, cka_matrix, expert_outputs, observe_blocks
 from diep_lightning.families import MoEBlock, MoEFamily, get_family
 from diep_lightning.pruning import PruningPlan
 
@@ -21,8 +21,8 @@ MergeGroups = dict[int, dict[str, list[float]]]
 def merge_groups(family: MoEFamily, block: MoEBlock, observation: BlockObservation, kept: list[int],
                  removed: list[int], temperature: float = 1.0) -> MergeGroups:
     """Assign each removed expert of ``block`` to its most similar survivor and compute the merge weights."""
-    outputs = expert_outputs(family, block, observation)
-    similarity = {(r, k): linear_cka(outputs[r], outputs[k]) for r in removed for k in kept}
+    cka = cka_matrix(expert_outputs(family, block, observation))
+    similarity = {(r, k): float(cka[r, k]) for r in removed for k in kept}
     members: dict[int, list[int]] = {}
     for r in removed:
         best = max(kept, key=lambda k: similarity[(r, k)])

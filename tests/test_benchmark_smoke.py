@@ -195,6 +195,23 @@ def test_speed_benchmark_smoke(tmp_path):
     assert "share_0.4_skip decode b=1" in section and "| pruned_50 |" not in section
 
 
+def test_the_real_models_layers_write_their_own_section(tmp_path):
+    from benchmarks import speed
+
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("<!-- speed_cpu:begin -->\nthe narrower shapes' section\n<!-- speed_cpu:end -->\n")
+    results = speed.main(["--shapes", "mixtral-8x7b,qwen3-30b-a3b", "--dtypes", "bfloat16", "--layers", "1",
+                          "--hidden", "64", "--vocab", "64", "--repeats", "1", "--new-tokens", "2",
+                          "--prefill-tokens", "16", "--threads", "1", "--out", str(tmp_path / "fw.json"),
+                          "--results", str(results_md)])
+    assert set(results["runs"]) == {"mixtral-8x7b bfloat16", "qwen3-30b-a3b bfloat16"}
+    text = results_md.read_text()
+    assert "the narrower shapes' section" in text  # not replaced: its own section
+    section = text.split("<!-- speed_cpu_full_width_bfloat16:begin -->")[1]
+    assert "scaled to hidden 64" in section and "### qwen3-30b-a3b bfloat16" in section
+    assert speed.section_name(results) == "speed_cpu_full_width_bfloat16"
+
+
 def test_search_cost_benchmark_smoke(tmp_path):
     from benchmarks import search_cost
 
@@ -383,6 +400,8 @@ def test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_pat
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 1 and "torch sees no GPU" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "steps.log").exists()
+    wrong = subprocess.run(["bash", str(script), "--sped"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert wrong.returncode == 2 and "unknown argument '--sped'" in wrong.stderr
 
 
 @pytest.mark.parametrize("gamma, share", [(1e9, 0.5), (0.0, 0.0)])
@@ -507,3 +526,21 @@ def test_the_matmul_curve_costs_rows_by_interpolation():
     assert matmul_seconds(curve, 0) == 0.0 and matmul_seconds(curve, 1) == 1.0
     assert matmul_seconds(curve, 2) == pytest.approx(4 / 3) and matmul_seconds(curve, 6) == pytest.approx(8 / 3)
     assert predicted_gain(curve, {"off": {"4": 2}, "on": {"1": 1, "4": 1}}) == pytest.approx(4 / 3)
+
+
+def test_cka_cost_times_both_forms_and_they_agree(tmp_path, capsys):
+    from benchmarks import cka_cost
+
+    results_md = tmp_path / "RESULTS.md"
+    results = cka_cost.main(["--shapes", "mixtral,qwen3", "--tokens", "16", "--feature-experts", "3", "--threads", "1",
+                             "--out", str(tmp_path / "cka.json"), "--results", str(results_md)])
+    mixtral, qwen3 = results["runs"]["mixtral"], results["runs"]["qwen3"]
+    assert (mixtral["experts"], qwen3["experts"]) == (8, 64) and mixtral["feature_experts_timed"] == 3
+    assert all(r["max_difference"] < 1e-5 and r["token_gram_s"] > 0 and r["feature_s"] > 0 for r in (mixtral, qwen3))
+    section = results_md.read_text().split("<!-- cka_cost:begin -->")[1]
+    assert "| qwen3 | 64 | 1024 | 16 |" in section and "(from 3 experts' pairs)" in section
+    again = tmp_path / "again.md"
+    assert cka_cost.main(["--from", str(tmp_path / "cka.json"), "--results", str(again)]) == results
+    with pytest.raises(SystemExit):
+        cka_cost.main(["--shapes", "mixtrel"])
+    assert "--shapes: unknown ['mixtrel']" in capsys.readouterr().err

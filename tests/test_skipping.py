@@ -265,3 +265,21 @@ def test_skipping_compiles_without_graph_breaks():
             eager_off = model(TOKENS).logits
             torch.testing.assert_close(compiled(TOKENS).logits, eager_off, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(eager_on, eager_off, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("experts, tokens, hidden", [(8, 64, 48), (6, 200, 16)])
+def test_the_cka_matrix_equals_pairwise_cka_in_either_form(experts, tokens, hidden):
+    """The token-Gram form (few tokens for the features: 64 < 8 * 48 / 2) and the feature form (200 > 6 * 16 / 2)
+    both give each pair's linear CKA; an affine copy scores 1, constant outputs 0."""
+    from diep_lightning.calibration import cka_matrix, linear_cka
+
+    torch.manual_seed(0)
+    outputs = torch.randn(experts, tokens, hidden) + 2 * torch.randn(1, tokens, hidden)  # correlated experts
+    outputs[1] = 3 * outputs[0] + 1
+    outputs[4] = 0.5
+    cka = cka_matrix(outputs)
+    pairwise = torch.tensor([[1.0 if i == j else linear_cka(outputs[i], outputs[j]) for j in range(experts)]
+                             for i in range(experts)])
+    torch.testing.assert_close(cka, pairwise, atol=1e-6, rtol=0)
+    assert cka[0, 1] == pytest.approx(1.0, abs=1e-6) and float(cka[4, 0]) == 0.0
+    assert 0.1 < float(cka[2, 3]) < 0.99  # the shared component: neither unrelated nor identical

@@ -5,6 +5,7 @@
 #
 #   bash tools/gpu_checks.sh --prepare   # here, with network: wheels the GPU image lacks, into .whl/
 #   bash tools/gpu_checks.sh             # there, in the repository root (carry .whl)
+#   bash tools/gpu_checks.sh --speed     # there, a second call: decode speed of the real models' own layers
 #
 # The GPU image has torch, lightning and an older transformers; the wheels bring the versions CI tests against
 # (constraints.txt) and the CLI's parser. Then copy the JSON files back into benchmarks/ and re-render RESULTS.md
@@ -12,6 +13,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(transformers jsonargparse docstring_parser typeshed_client)
+case "${1:-}" in
+  ""|--prepare|--speed) ;;
+  *) echo "tools/gpu_checks.sh: unknown argument '$1' (none, --prepare or --speed)" >&2; exit 2 ;;
+esac
 
 if [ "${1:-}" = "--prepare" ]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -55,6 +60,11 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log into $OUT/s
   [ $rc -eq 0 ] || status=1
 }
 
+if [ "${1:-}" = "--speed" ]; then
+  step 540 speed_full_width python3 -m benchmarks.speed --device cuda --shapes mixtral-8x7b,qwen3-30b-a3b \
+    --dtypes bfloat16 --layers 4 --repeats 3 --out "$OUT/speed_full_width_cuda_bfloat16.json" --results ''
+  exit $status
+fi
 step 140 cuda_tests python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
 step 90 skip_eager python3 -m benchmarks.skip_overhead --models mixtral,qwen3 --device cuda --dtype bfloat16 \
   --rounds 3 --out "$OUT/skip_overhead_shapes_cuda_bfloat16.json" --results ''
