@@ -70,26 +70,23 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / denom) if denom > 0 else 0.0
 
 
-def cka_matrix(outputs: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
+def cka_matrix(outputs: torch.Tensor, block_bytes: int = 1 << 28) -> torch.Tensor:
     """Pairwise linear CKA of experts' outputs, ``outputs`` of shape (E, T, H); returns (E, E).
 
     CKA(i, j) = <K_i, K_j> / (|K_i| |K_j|) with K_e = X_e X_e^T over the centred outputs. Pairing feature-space
-    products costs E^2 T H^2 (hours per layer at 128 experts of width 2048); each expert's (T, T) token Gram instead
-    costs E T^2 H once, and one product of them gives every pair. The cheaper form is used."""
+    products costs E^2 T H^2 (hours per layer at 128 experts of width 2048); the token Grams cost E T^2 H, built a
+    band of rows at a time (``block_bytes`` of them for all experts) whose products give every pair at once. The
+    cheaper form is used."""
     n, t, h = outputs.shape
     if 2 * t > n * h:  # more tokens than the pairs' features: the feature-space form is cheaper
         return _cka_features(outputs)
-    rows, cols = torch.triu_indices(t, t)
-    scale = torch.where(rows == cols, 1.0, 2.0 ** 0.5)  # an off-diagonal entry of the upper triangle stands for two
-    flat = torch.empty(n, rows.numel(), dtype=torch.float32)
-    for e in range(n):  # one (T, T) Gram at a time: memory E T^2 / 2 floats, not E T H doubles
-        x = outputs[e].float()
-        x = x - x.mean(0, keepdim=True)
-        flat[e] = (x @ x.T)[rows, cols] * scale
+    centred = outputs.float() - outputs.float().mean(1, keepdim=True)
+    keys = centred.transpose(1, 2)
+    rows = max(1, block_bytes // (4 * n * t))
     inner = torch.zeros(n, n, dtype=torch.float64)
-    for start in range(0, flat.shape[1], chunk):  # accumulate the T^2 / 2 terms in float64
-        part = flat[:, start:start + chunk].double()
-        inner += part @ part.T
+    for start in range(0, t, rows):  # rows start.. of every K_e, accumulated in float64
+        band = torch.bmm(centred[:, start:start + rows], keys).reshape(n, -1).double()
+        inner += band @ band.T
     return _normalised(inner)
 
 

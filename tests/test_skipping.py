@@ -281,5 +281,7 @@ def test_the_cka_matrix_equals_pairwise_cka_in_either_form(experts, tokens, hidd
     pairwise = torch.tensor([[1.0 if i == j else linear_cka(outputs[i], outputs[j]) for j in range(experts)]
                              for i in range(experts)])
     torch.testing.assert_close(cka, pairwise, atol=1e-6, rtol=0)
+    banded = cka_matrix(outputs, block_bytes=4 * experts * tokens * 7)  # 7 rows of every Gram at a time
+    torch.testing.assert_close(banded, pairwise, atol=1e-6, rtol=0)
     assert cka[0, 1] == pytest.approx(1.0, abs=1e-6) and float(cka[4, 0]) == 0.0
     assert 0.1 < float(cka[2, 3]) < 0.99  # the shared component: neither unrelated nor identical
