@@ -24,6 +24,7 @@ COVERED_ELSEWHERE = {
     "python -m benchmarks.search_cost": "tests/test_benchmark_smoke.py::test_search_cost_benchmark_smoke",
     "python -m benchmarks.skip_strength": "tests/test_benchmark_smoke.py::test_skip_strength_benchmark_smoke",
     "python -m benchmarks.skip_overhead": "tests/test_benchmark_smoke.py::test_skip_overhead_benchmark_smoke",
+    "python -m benchmarks.cka_cost": "tests/test_benchmark_smoke.py::test_cka_cost_times_both_forms_and_they_agree",
     "python -m benchmarks.expert_matmul": "tests/test_benchmark_smoke.py::test_expert_matmul_times_each_rows_setting_and_refuses_bad_rows",
     "python -m pytest": ".ci/run",
     "bash tools/gpu_checks.sh": "tests/test_benchmark_smoke.py::test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu",
