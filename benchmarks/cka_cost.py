@@ -20,14 +20,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.expert_matmul import expert_shapes
 from benchmarks.sections import publish
 from benchmarks.speed import FULL_WIDTH, SHAPES, machine
-
-
-def shape_of(name: str) -> tuple[int, int]:
-    """(experts, hidden) of a benchmarks.speed shape."""
-    spec = SHAPES[name]
-    return spec.get("num_local_experts", spec.get("num_experts")), spec["hidden_size"]
 
 
 def timed(fn: Any, *args: Any) -> tuple[float, Any]:
@@ -40,7 +35,7 @@ def measure(name: str, tokens: int, feature_experts: int) -> dict[str, Any]:
     """Both forms' time on random (E, T, H) outputs; the feature form over a subset of experts when asked."""
     from diep_lightning.calibration import _cka_features, cka_matrix
 
-    n, h = shape_of(name)
+    n, h, _ = expert_shapes(name)
     outputs = torch.randn(n, tokens, h, generator=torch.Generator().manual_seed(0))
     gram_s, cka = timed(cka_matrix, outputs)
     subset = n if feature_experts <= 0 or feature_experts >= n else feature_experts

@@ -417,6 +417,15 @@ def full_width(results: dict[str, Any]) -> bool:
     return any(key.split(" ")[0] in FULL_WIDTH for key in results["runs"])
 
 
+def shape_words(shape: str) -> str:
+    """A shape's widths and counts as the report states them, read from :data:`SHAPES`."""
+    spec = SHAPES[shape]
+    return (f"{shape}: hidden {spec['hidden_size']}, expert intermediate "
+            f"{spec.get('moe_intermediate_size', spec['intermediate_size'])}, "
+            f"{spec.get('num_local_experts', spec.get('num_experts'))} experts top-{spec['num_experts_per_tok']}, "
+            f"{spec['num_attention_heads']} query and {spec['num_key_value_heads']} key-value heads")
+
+
 def section_name(results: dict[str, Any]) -> str:
     """RESULTS.md section of a run: one per device, and one per skipping setting other than the paper's."""
     return (f"speed_{results['device']}" + ("_full_width" if full_width(results) else "")
@@ -433,12 +442,10 @@ def report(results: dict[str, Any]) -> str:
              f"Measured by: `{results['command']}` on {results['machine']}. Random-weight MoEs of "
              f"{results['layers']} decoder layer{'s' if results['layers'] != 1 else ''} "
              + (f"scaled to hidden {results['hidden']} " if results.get("hidden") else "")
-             + ("of the real models' own widths (mixtral-8x7b: hidden 4096, expert intermediate 14336, 8 experts "
-                "top-2, 32 query and 8 key-value heads; qwen3-30b-a3b: hidden 2048, expert intermediate 768, 128 "
-                "experts top-8, 32 query and 4 key-value heads; vocabulary 2048: the LM head reads about 1% of a "
-                "batch-1 step's weights, as in Mixtral-8x7B, where Qwen3-30B-A3B's 152k-token head reads about 10%, "
-                "which would dilute what skipping and pruning save)" if full_width(results)
-                else "with real layer proportions") + " (see `benchmarks/speed.py`); "
+             + (f"of the real models' own widths ({'; '.join(map(shape_words, FULL_WIDTH))}; vocabulary 2048: the "
+                "LM head reads about 1% of a batch-1 step's weights, as in Mixtral-8x7B, where Qwen3-30B-A3B's "
+                "152k-token head reads about 10%, which would dilute what skipping and pruning save)"
+                if full_width(results) else "with real layer proportions") + " (see `benchmarks/speed.py`); "
              f"greedy decode of {results['new_tokens']} new tokens at batch 1 and 16"
              + (" (tokens/s of the decode steps, the prompt's prefill left out; each round its own random 8-token "
                 "prompts, the same for every variant)" if results.get("decode_steps_only") else "")

@@ -80,7 +80,8 @@ def cka_matrix(outputs: torch.Tensor, block_bytes: int = 1 << 28) -> torch.Tenso
     n, t, h = outputs.shape
     if 2 * t > n * h:  # more tokens than the pairs' features: the feature-space form is cheaper
         return _cka_features(outputs)
-    centred = outputs.float() - outputs.float().mean(1, keepdim=True)
+    centred = outputs.float()
+    centred = centred - centred.mean(1, keepdim=True)
     keys = centred.transpose(1, 2)
     rows = max(1, block_bytes // (4 * n * t))
     inner = torch.zeros(n, n, dtype=torch.float64)
@@ -93,7 +94,8 @@ def cka_matrix(outputs: torch.Tensor, block_bytes: int = 1 << 28) -> torch.Tenso
 def _cka_features(outputs: torch.Tensor) -> torch.Tensor:
     """:func:`cka_matrix` through (H, H) feature products, for few experts and many tokens."""
     n = outputs.shape[0]
-    centred = outputs.double() - outputs.double().mean(1, keepdim=True)
+    centred = outputs.double()
+    centred = centred - centred.mean(1, keepdim=True)
     inner = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
         for j in range(i, n):
