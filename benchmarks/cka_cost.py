@@ -11,8 +11,6 @@ per pair), which the report says.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.files import Parser, save_json
 from benchmarks.expert_matmul import expert_shapes
 from benchmarks.sections import publish
 from benchmarks.speed import FULL_WIDTH, SHAPES, machine
@@ -65,7 +64,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.cka_cost", description=__doc__.splitlines()[0])
+    ap = Parser("cka_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(FULL_WIDTH), help=f"comma-separated: {', '.join(SHAPES)}")
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens per layer (SkipCalibration's default)")
     ap.add_argument("--feature-experts", type=int, default=8,
@@ -77,14 +76,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--from", dest="from_json", default=None, help="re-render from an earlier run's JSON")
     args = ap.parse_args(argv)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
-        publish(args.results, "cka_cost", report(results))
+        results = ap.earlier_run(args.from_json)
+        publish(ap.report_file(args.results), "cka_cost", report(results))
         return results
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
     if args.tokens < 2:
         ap.error(f"--tokens: CKA needs at least 2 tokens, got {args.tokens}")
+    ap.out_file(args.out)
+    ap.report_file(args.results)
     if args.threads:
         torch.set_num_threads(args.threads)
     shown = argv if argv is not None else sys.argv[1:]
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.shapes.split(","):
         results["runs"][name] = measure(name, args.tokens, args.feature_experts)
         print(name, results["runs"][name], flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        save_json(args.out, results)
     publish(args.results, "cka_cost", report(results))
     return results
 

@@ -13,7 +13,6 @@ kernels the experts forward uses (every expert given the same rows): ``grouped``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.files import Parser, save_json
 from benchmarks.sections import publish
 from benchmarks.speed import SHAPES, _sync, machine, round_seeds
 
@@ -233,7 +233,7 @@ def section_name(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.expert_matmul", description=__doc__.splitlines()[0])
+    ap = Parser("expert_matmul", description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="mixtral", choices=list(SHAPES))
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rows", default="1,2,3,4,5,6,8,16", help="comma-separated rows per expert")
@@ -252,8 +252,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="render the RESULTS.md section from an earlier run's JSON, measuring nothing")
     args = ap.parse_args(argv)
     args.argv = argv
+    ap.report_file(args.results)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        results = ap.earlier_run(args.from_json)
     else:
         try:
             args.rows = [int(r) for r in args.rows.split(",")]
@@ -272,11 +273,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"--repeats/--pool-mb: must be >= 1, got {args.repeats}/{args.pool_mb}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
+        if args.out:
+            ap.out_file(args.out)
         if args.threads:
             torch.set_num_threads(args.threads)
         results = run(args)
-        out = Path(args.out or REPO / "benchmarks" / f"{section_name(results)}.json")
-        out.write_text(json.dumps(results, indent=1))
+        out = args.out or ap.out_file(str(REPO / "benchmarks" / f"{section_name(results)}.json"))
+        save_json(out, results)
     publish(args.results, section_name(results), report(results))
     return results
 

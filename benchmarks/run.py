@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.files import Parser, a_run_of
 from benchmarks.sections import kept_sections
+from diep_lightning.outputs import is_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -820,7 +822,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int, args: ar
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser("run", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
                                             "models/tiny-qwen3-deep")
     parser.add_argument("--sparsities", default="0.25,0.5")
@@ -876,10 +878,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cost_child:
         print(json.dumps(cost_child(args.models.split(",")[0], args.cost_child, args)))
         return {}
-    out = Path(args.out)
+    parts = [parser.earlier_run(str(Path(d) / "results.json"), "--combine") for d in (args.combine or "").split(",") if d]
+    out = parser.out_folder(args.out, {"RESULTS.md": is_report, "results.json": a_run_of("run")})
     out.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.combine.split(",")]
         merged = {"args": parts[0]["args"], "models": {}}
         for part in parts:  # a later folder's section replaces an earlier one's for the same model
             for name, res in part["models"].items():

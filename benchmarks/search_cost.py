@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.files import Parser, save_json
 from benchmarks.sections import publish, write_section
 from benchmarks.speed import _sync
 
@@ -289,7 +290,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.search_cost", description=__doc__.splitlines()[0])
+    ap = Parser("search_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="128x2,256x4,512x4,1024x4")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--samples", type=int, default=16)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "shipped configs), measuring nothing")
     args = ap.parse_args(argv)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        results = ap.earlier_run(args.from_json)
         results.setdefault("repeats", 1)
         for row in results["rows"]:
             if "runs" not in row:  # a run of one round per size
@@ -316,12 +317,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summarise(row, memory_key(results))
         results["fit"] = growth(results)  # a run cut short leaves its rows only
         results["projection"] = projection(results["rows"], args)
-        if args.results:
+        if ap.report_file(args.results):
             write_section(Path(args.results), section_name(results), report(results))
         return results
     if args.child:
         print(json.dumps(child(args.child, args.model_dir, args)))
         return {}
+    try:
+        sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes.split(",")]
+    except ValueError:
+        ap.error(f"--sizes: expected comma-separated HIDDENxLAYERS (128x2), got {args.sizes!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device: cuda asked for, but torch sees no CUDA device")
+    ap.out_file(args.out)
+    ap.report_file(args.results)
     from benchmarks.speed import machine
 
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.search_cost",
@@ -334,8 +343,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes.split(","):
-            hidden, layers = (int(x) for x in size.split("x"))
+        for hidden, layers in sizes:
+            size = f"{hidden}x{layers}"
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config_for(hidden, layers, args.vocab), dtype=torch.float32)
             params = sum(p.numel() for p in model.parameters())
@@ -348,10 +357,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     row["runs"][kind].append(run_child(kind, model_dir, args))
                     print(f"   {size} ({params / 1e6:.1f}M) round {round_} {kind}: {row['runs'][kind][-1]}", flush=True)
             results["rows"].append(summarise(row, memory_key(results)))
-            Path(args.out).write_text(json.dumps(results, indent=1))  # each size as it finishes
+            save_json(args.out, results)  # each size as it finishes
     results["fit"] = growth(results)
     results["projection"] = projection(results["rows"], args)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    save_json(args.out, results)
     publish(args.results, section_name(results), report(results))
     return results
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from diep_lightning.outputs import save_text
+
 _SECTION = re.compile(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", re.S)
 
 
@@ -23,10 +25,10 @@ def write_section(results_md: Path, name: str, body: str) -> None:
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    results_md.write_text(text)
+    save_text(results_md, text)
 
 
-def publish(results_md: str | None, name: str, body: str) -> None:
+def publish(results_md: str | Path | None, name: str, body: str) -> None:
     """A benchmark's report: into RESULTS.md as section ``name`` unless ``results_md`` is empty, and printed."""
     if results_md:
         write_section(Path(results_md), name, body)

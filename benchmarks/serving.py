@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.files import Parser, a_run_of, linked_copy, save_json
 from benchmarks.sections import write_section
 from diep_lightning.serving.skipping import SWITCH
 
@@ -192,7 +193,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
+    ap = Parser("serving", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep")
     ap.add_argument("--out", default="/tmp/diep_serving")
     ap.add_argument("--prompts", type=int, default=3)
@@ -208,11 +209,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(child(args.path, json.loads(args.prompt_ids), args.new_tokens, args.child,
                                json.loads(args.overrides))))
         return {}
+    names = [Path(m).name for m in args.models.split(",") if m]
+    out = ap.out_folder(args.out, {"serving.json": a_run_of("serving")},
+                        exports=[f"{n}-{mode}50" for n in names for mode in ("uniform", "global")])
+    for copy in (out / f"{n}-{label}-plugin" for n in names for label in ("full", "uniform_50", "global_50")):
+        if copy.exists() and not linked_copy(copy):
+            ap.error(f"--out: {copy} exists and is not a plugin copy this benchmark made; choose another --out")
+    ap.report_file(args.results)
     import vllm
 
     from tools.machine import cpu_name
 
-    out = Path(args.out)
     results: dict[str, Any] = {"command": "python -m benchmarks.serving " + " ".join(argv or sys.argv[1:]),
                                "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores", "vllm": vllm.__version__,
                                "prompts": args.prompts, "new_tokens": args.new_tokens, "batch": 16, "models": {}}
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"{Path(model_dir).name} {row}: equal={equal} " +
                       ", ".join(f"{k} {v:.1f}" for k, v in result.items() if isinstance(v, float)), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(results, indent=2))
+    save_json(out / "serving.json", results, indent=2)
     if args.results:
         write_section(Path(args.results), "serving", report(results))
     return results

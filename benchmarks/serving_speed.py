@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.files import Parser, a_run_of, save_json
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("decode_1", "decode_16", "prefill")
 
@@ -319,7 +321,7 @@ def targets_lines(results: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.serving_speed", description=__doc__.splitlines()[0])
+    ap = Parser("serving_speed", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mixtral,qwen3")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
@@ -336,10 +338,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    args.skip_shares = [float(s) for s in args.skip_shares.split(",")] if args.skip_shares else None
+    try:
+        args.skip_shares = [float(s) for s in args.skip_shares.split(",")] if args.skip_shares else None
+    except ValueError:
+        ap.error(f"--skip-shares: expected comma-separated numbers, got {args.skip_shares!r}")
     if args.child:
         print(json.dumps(child(args.child, args)))
         return {}
+    from benchmarks.speed import SHAPES
+
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
+    names = [f"{v}-share{s:g}" if s is not None else v for s in (args.skip_shares or [None])
+             for v in ("full", "pruned_50")]
+    ap.out_folder(args.out, {"serving_speed.json": a_run_of("serving_speed")},
+                  exports=[f"{shape}-{n}" for shape in args.shapes.split(",") for n in names])
+    ap.report_file(args.results)
     import vllm
 
     from benchmarks.sections import write_section
@@ -367,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"{shape} {name}: " + json.dumps({k: {m: round(v['ratio'], 3) for m, v in d.items()}
                                                         for k, d in entry["summary"].items()}), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serving_speed.json").write_text(json.dumps(results, indent=2))
+    save_json(out / "serving_speed.json", results, indent=2)
     if args.results:
         name = ("serving_speed" + ("_shares" if args.skip_shares else "")
                 + (f"_layers_{args.layers}" if args.layers != 4 else ""))

@@ -15,7 +15,6 @@ skipping off, on through the lean path and on through the sentinel path, one aft
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.files import Parser, save_json
 from benchmarks.sections import publish
 from benchmarks import speed
 from benchmarks.speed import machine, ratios
@@ -188,7 +188,7 @@ def section_name(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.skip_overhead", description=__doc__.splitlines()[0])
+    ap = Parser("skip_overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
                                         "models/tiny-qwen3-deep",
                     help="comma-separated model folders, or shapes of benchmarks.speed (mixtral, qwen3)")
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="render the RESULTS.md section from an earlier run's JSON (a GPU's, say), measuring nothing")
     args = ap.parse_args(argv)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
-        publish(args.results, section_name(results), report(results))
+        results = ap.earlier_run(args.from_json)
+        publish(ap.report_file(args.results), section_name(results), report(results))
         return results
     if args.rounds < 1:
         ap.error(f"--rounds: must be >= 1, got {args.rounds}")
@@ -237,10 +237,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     section = section_name({**results, "models": {Path(m).name: None for m in models}})
     if args.out is None:
         args.out = str(REPO / "benchmarks" / f"{section}.json")
+    ap.out_file(args.out)
+    ap.report_file(args.results)
     for model_dir in models:
         print(f"== {model_dir}", flush=True)
         results["models"][Path(model_dir).name] = run_model(model_dir, args)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        save_json(args.out, results)
     publish(args.results, section, report(results))
     return results
 

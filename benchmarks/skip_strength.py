@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.files import Parser, save_json
 from benchmarks.run import HEADLINE, LOWER_IS_BETTER, REPO, _datamodule, paired_bootstrap
 from benchmarks.sections import write_section
 
@@ -116,7 +117,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser("skip_strength", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
                                         "models/tiny-qwen3-deep")
     ap.add_argument("--sparsities", default="0.25,0.5")
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
-        write_section(Path(args.results), "skip_strength", report(results))
+        results = ap.earlier_run(args.from_json)
+        if ap.report_file(args.results):
+            write_section(Path(args.results), "skip_strength", report(results))
         return results
     strengths = args.strengths.split(",")
     if not all(s.replace(".", "", 1).isdigit() and float(s) > 0 for s in strengths):
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if missing:
         ap.error(f"--scores-from: {args.scores_from} holds no DiEP seed-0 scores for {', '.join(missing)}")
     torch.set_num_threads(1)
+    if not args.child:
+        ap.out_file(args.out)
+        ap.report_file(args.results)
     if args.child:
         Path(args.child).write_text(json.dumps(run_model(models[0], args)))
         return {}
@@ -169,8 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if proc.wait() != 0:
                 raise SystemExit(f"benchmarks.skip_strength: {model} failed (exit {proc.returncode})")
             results["models"][Path(model).name] = json.loads(out.read_text())
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    write_section(Path(args.results), "skip_strength", report(results))
+    save_json(args.out, results)
+    if args.results:
+        write_section(Path(args.results), "skip_strength", report(results))
     print(report(results))
     return results
 

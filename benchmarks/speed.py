@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.files import Parser, save_json
 from benchmarks.sections import publish, write_section
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -610,7 +611,7 @@ def bounds_note(entry: dict[str, Any], name: str, metric: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0])
+    ap = Parser("speed", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mixtral,qwen3", help=f"comma-separated: {', '.join(SHAPES)}")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--layers", type=int, default=4)
@@ -641,8 +642,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="re-render the RESULTS.md section from an earlier run's speed.json, measuring nothing")
     args = ap.parse_args(argv)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
-        if args.results:
+        results = ap.earlier_run(args.from_json)
+        if ap.report_file(args.results):
             write_section(Path(args.results), section_name(results), report(results))
         return results
     if args.new_tokens < 2:
@@ -661,10 +662,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
     if args.out is None:
         args.out = str(Path(__file__).resolve().parent / ("speed_compiled.json" if args.compile else "speed.json"))
+    ap.out_file(args.out)
+    ap.report_file(args.results)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     if args.compile:
         compile_decoding()
     shown = argv if argv is not None else sys.argv[1:]
@@ -691,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     # the profile's hooks time eager modules: it says nothing of a compiled step
                                     "profile": None if args.compile else profiles(models, names, args, device)}
             del models
-            Path(args.out).write_text(json.dumps(results, indent=1))
+            save_json(args.out, results)
     publish(args.results, section_name(results), report(results))
     return results
 

@@ -45,22 +45,22 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
 
     # --combine merges runs and keeps, per model, the command that measured it
     other = json.loads((out / "results.json").read_text())
-    other["command"], other["models"] = "python benchmarks/run.py --seeds 1", {"copy": res}
+    other["command"], other["models"] = "python -m benchmarks.run --seeds 1", {"copy": res}
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "results.json").write_text(json.dumps(other))
     merged = bench.main(["--combine", f"{out},{tmp_path / 'other'}", "--out", str(tmp_path / "merged")])
     assert set(merged["models"]) == {next(iter(results["models"])), "copy"}
     merged_report = (tmp_path / "merged" / "RESULTS.md").read_text()
-    assert f"Measured by: `python benchmarks/run.py --seeds 1` on {res['machine']}." in merged_report
+    assert f"Measured by: `python -m benchmarks.run --seeds 1` on {res['machine']}." in merged_report
     assert f"Measured by: `{results['command']}` on " in merged_report and "CPU cores" in res["machine"]
     assert list(out.glob("quality_vs_sparsity_*.png"))
 
     # a later folder's section replaces an earlier one's, and the replaced run leaves the merged command
-    newer = {**other, "command": "python benchmarks/run.py --seeds 2"}
+    newer = {**other, "command": "python -m benchmarks.run --seeds 2"}
     (tmp_path / "newer").mkdir()
     (tmp_path / "newer" / "results.json").write_text(json.dumps(newer))
     remerged = bench.main(["--combine", f"{tmp_path / 'merged'},{tmp_path / 'newer'}", "--out", str(tmp_path / "re")])
-    assert remerged["models"]["copy"]["measured_by"] == "python benchmarks/run.py --seeds 2"
+    assert remerged["models"]["copy"]["measured_by"] == "python -m benchmarks.run --seeds 2"
     assert "--seeds 1" not in remerged["command"] and results["command"] in remerged["command"]
 
     # a run of the timed phases only adds its cost and decode tables to the quality run's section

@@ -13,6 +13,15 @@ def _limit(s: str) -> int | float:
     return int(v) if v >= 1 and v.is_integer() else v
 
 
+def _earlier_results(path: Path) -> bool:
+    """Whether ``path`` holds the results JSON of an earlier evaluation (``{task: {..., "n"}, "task/metric": v}``)."""
+    from diep_lightning.outputs import read_json
+
+    data = read_json(path)
+    return isinstance(data, dict) and bool(data) and all(
+        "/" in key or (isinstance(value, dict) and "n" in value) for key, value in data.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     from .kit import DEFAULT_TASKS, evaluate, list_kit_tasks, resolve_data_dir
 
@@ -32,11 +41,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", type=Path, default=None,
                     help="write the kit task YAMLs for the data dir into this folder (for lm_eval --include_path) and exit")
     a = ap.parse_args(argv)
+    from diep_lightning.outputs import Refusal, save_text, writable_file
+
+    try:  # before any work: an output path never replaces a file this command did not write
+        if a.output:
+            writable_file(a.output, "--output", _earlier_results, "the results JSON of an earlier evaluation")
+    except Refusal as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     if a.render:
         from .kit import render_tasks
 
-        kit = render_tasks(a.data_dir, out_dir=a.render)
+        try:
+            kit = render_tasks(a.data_dir, out_dir=a.render)
+        except (ValueError, OSError) as e:
+            print(f"error: --render: {str(e).removeprefix('out_dir: ').strip().splitlines()[0]}", file=sys.stderr)
+            return 2
         print(f"rendered {len(kit.names)} kit tasks into {kit.task_dir}; use: lm_eval --include_path {kit.task_dir} ...")
         return 0
 
@@ -66,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if "/" in key:
             print(f"{key:50s} {value if value is None else f'{value:.4f}'}")
     if a.output:
-        a.output.parent.mkdir(parents=True, exist_ok=True)
-        a.output.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_text(a.output, json.dumps(res, indent=2, sort_keys=True) + "\n")
         print(f"wrote {a.output}")
     return 0
 

@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 TEMPLATES_DIR = HERE / "tasks"
 SHIPPED_DATA_DIR = HERE / "data"
 PLACEHOLDER = "@DATA_DIR@"
+#: Written into a folder that ``render_tasks`` rendered into: a later render may replace its files.
+RENDER_MARKER = ".diep_kit_tasks"
 DEFAULT_TASKS = ("kit_blimp", "kit_wikitext2")
 _PATH_RE = re.compile(re.escape(PLACEHOLDER) + r"/([^\"'\n]+)")
 _NAME_RE = re.compile(r"^(task|group):\s*(\S+)\s*$", re.M)
@@ -132,15 +134,13 @@ def render_tasks(data_dir: str | os.PathLike | None = None, out_dir: str | os.Pa
         atexit.register(_cleanup, task_dir)
     else:
         task_dir = Path(out_dir).expanduser().resolve()
+        _check_render_dir(task_dir)
         task_dir.mkdir(parents=True, exist_ok=True)
+        (task_dir / RENDER_MARKER).write_text("kit task YAMLs rendered by diep_lightning.evaluation\n", encoding="utf-8")
     kit = RenderedKit(data_dir=ddir, task_dir=task_dir)
     prefix = _yaml_dq_escape(ddir.as_posix())
     group_files: dict[str, tuple[Path, dict]] = {}
-    for src in sorted(TEMPLATES_DIR.rglob("*")):
-        if not src.is_file() or "__pycache__" in src.parts:
-            continue
-        if not (src.suffix == ".yaml" or src.name.endswith("_yaml")):
-            continue
+    for src in _templates():
         rel = src.relative_to(TEMPLATES_DIR)
         text = src.read_text(encoding="utf-8")
         names = dict((k, v) for k, v in _NAME_RE.findall(text))
@@ -183,6 +183,25 @@ def render_tasks(data_dir: str | os.PathLike | None = None, out_dir: str | os.Pa
     if out_dir is None:
         _RENDERED[ddir] = kit
     return kit
+
+
+def _templates() -> list[Path]:
+    """The task and group YAML templates, in rendering order."""
+    return [src for src in sorted(TEMPLATES_DIR.rglob("*")) if src.is_file() and "__pycache__" not in src.parts
+            and (src.suffix == ".yaml" or src.name.endswith("_yaml"))]
+
+
+def _check_render_dir(task_dir: Path) -> None:
+    """Refuse a folder where rendering would replace a file that no earlier render wrote."""
+    if task_dir.exists() and not task_dir.is_dir():
+        raise NotADirectoryError(f"out_dir: {task_dir} is a file; name a new or empty folder")
+    if not task_dir.is_dir() or (task_dir / RENDER_MARKER).is_file():
+        return
+    for src in _templates():
+        clash = task_dir / src.relative_to(TEMPLATES_DIR)
+        if clash.exists():
+            raise FileExistsError(f"out_dir: {clash} exists and no earlier render wrote it; name a new or empty "
+                                  "folder")
 
 
 def list_kit_tasks(data_dir: str | os.PathLike | None = None, include_subtasks: bool = False) -> list[str]:

@@ -1,0 +1,140 @@
+"""Output arguments of the benchmarks and the evaluation command: a run writes a new file or its own earlier one,
+refuses anything else in one line naming the argument before it measures, and leaves the user's file as it was."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from diep_lightning.evaluation.__main__ import main as evaluation_main
+from diep_lightning.outputs import Refusal, save_text, writable_file, written_by
+
+# every benchmark that writes one JSON of its run and a section of RESULTS.md
+JSON_BENCHMARKS = ["speed", "skip_overhead", "expert_matmul", "search_cost", "cka_cost", "skip_strength"]
+USERS = "my notes, not a benchmark's\n"
+
+
+def _refused(capsys, run, flag: str) -> str:
+    """Run ``run``; it must exit 2 with one stderr line naming ``flag`` and no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        run()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"error: {flag}: " in err, err
+    return err
+
+
+@pytest.mark.parametrize("name", JSON_BENCHMARKS)
+def test_a_benchmark_refuses_another_files_before_measuring(name, tmp_path, capsys):
+    main = importlib.import_module(f"benchmarks.{name}").main
+    users = tmp_path / "notes.txt"
+    users.write_text(USERS)
+    other = tmp_path / "other.json"  # another benchmark's run
+    other.write_text(json.dumps({"command": "python -m benchmarks.run_other --x 1", "runs": {}}))
+    new_out = ["--out", str(tmp_path / "new.json")]
+
+    _refused(capsys, lambda: main(["--from", str(tmp_path / "missing.json")]), "--from")
+    _refused(capsys, lambda: main(["--from", str(other), "--results", ""]), "--from")
+    _refused(capsys, lambda: main(["--from", str(users), "--results", ""]), "--from")
+    assert "not the JSON of an earlier" in _refused(capsys, lambda: main(["--out", str(users)]), "--out")
+    _refused(capsys, lambda: main(["--out", str(other)]), "--out")
+    _refused(capsys, lambda: main(["--out", str(tmp_path)]), "--out")  # a folder
+    _refused(capsys, lambda: main([*new_out, "--results", str(users)]), "--results")
+    blocked = tmp_path / "a_file"
+    blocked.write_text("x")
+    _refused(capsys, lambda: main(["--out", str(blocked / "run.json")]), "--out")  # under a file
+    assert users.read_text() == USERS and json.loads(other.read_text())["command"].endswith("--x 1")
+    assert not (tmp_path / "new.json").exists()
+
+
+def test_a_benchmark_renders_its_own_earlier_run_into_a_report_or_an_empty_file(tmp_path, capsys):
+    from benchmarks import cka_cost
+
+    run = tmp_path / "cka.json"
+    cka_cost.main(["--shapes", "mixtral", "--tokens", "8", "--feature-experts", "2", "--threads", "1",
+                   "--out", str(run), "--results", ""])
+    assert written_by("python -m benchmarks.cka_cost")(run)
+    cka_cost.main(["--shapes", "mixtral", "--tokens", "8", "--feature-experts", "2", "--threads", "1",
+                   "--out", str(run), "--results", ""])  # its own earlier JSON is replaced
+    empty = tmp_path / "empty.md"
+    empty.write_text("")
+    cka_cost.main(["--from", str(run), "--results", str(empty)])
+    report = empty.read_text()
+    assert "<!-- cka_cost:begin -->" in report
+    (tmp_path / "report.md").write_text("# Benchmark results\n\nkept\n")
+    cka_cost.main(["--from", str(run), "--results", str(tmp_path / "report.md")])
+    assert "kept" in (tmp_path / "report.md").read_text() and "cka_cost:end" in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
+    # another benchmark's run is no cka_cost run
+    _refused(capsys, lambda: cka_cost.main(["--from", str(Path(__file__).resolve().parents[1] / "benchmarks" / "speed.json")]), "--from")
+
+
+def test_the_suite_runner_refuses_a_users_report_and_a_folder_without_a_run(tmp_path, capsys):
+    from benchmarks import run as bench
+
+    (tmp_path / "RESULTS.md").write_text(USERS)
+    _refused(capsys, lambda: bench.main(["--out", str(tmp_path)]), "--out")
+    (tmp_path / "RESULTS.md").unlink()
+    (tmp_path / "results.json").write_text(json.dumps({"command": "python -m benchmarks.speed"}))
+    _refused(capsys, lambda: bench.main(["--out", str(tmp_path)]), "--out")
+    _refused(capsys, lambda: bench.main(["--combine", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]),
+             "--combine")
+    _refused(capsys, lambda: bench.main(["--out", str(tmp_path / "results.json")]), "--out")  # a file
+    assert json.loads((tmp_path / "results.json").read_text()) == {"command": "python -m benchmarks.speed"}
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("name, folder", [("serving", "tiny-mixtral-uniform50"), ("serving", "tiny-mixtral-full-plugin"),
+                                          ("serving_speed", "mixtral-full")])
+def test_the_serving_benchmarks_refuse_a_users_folder_where_an_export_goes(name, folder, tmp_path, capsys):
+    """Checked before vLLM is imported or anything is trained, so it holds without vLLM installed."""
+    main = importlib.import_module(f"benchmarks.{name}").main
+    mine = tmp_path / folder
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (mine / "weights.bin").write_text("mine")
+    _refused(capsys, lambda: main(["--out", str(tmp_path), "--results", ""]), "--out")
+    assert (mine / "weights.bin").read_text() == "mine"
+
+
+def test_the_evaluation_command_refuses_a_users_output_file_and_render_folder(tmp_path, capsys):
+    users = tmp_path / "notes.txt"
+    users.write_text(USERS)
+    assert evaluation_main(["--model", "models/tiny-mixtral", "--output", str(users)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--output" in err and users.read_text() == USERS
+    assert evaluation_main(["--render", str(users)]) == 2
+    assert "--render" in capsys.readouterr().err
+
+    rendered = tmp_path / "tasks"
+    assert evaluation_main(["--render", str(rendered)]) == 0
+    yaml = next(rendered.glob("*.yaml"))
+    assert evaluation_main(["--render", str(rendered)]) == 0  # its own earlier render is replaced
+    clash = tmp_path / "mine"
+    clash.mkdir()
+    (clash / yaml.name).write_text(USERS)
+    assert evaluation_main(["--render", str(clash)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--render" in err and (clash / yaml.name).read_text() == USERS
+
+
+def test_writable_file_and_save_text(tmp_path, monkeypatch):
+    target = tmp_path / "deep" / "new.json"
+    assert writable_file(target, "--out") == target  # a new file under folders to be made
+    save_text(target, "first")
+    with pytest.raises(Refusal, match=r"^--out: .* exists and is not a file this command wrote"):
+        writable_file(target, "--out")
+    assert writable_file(target, "--out", own=lambda p: p.read_text() == "first") == target
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        save_text(target, "second")
+    assert target.read_text() == "first" and sorted(p.name for p in target.parent.iterdir()) == ["new.json"]
