@@ -64,7 +64,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = Parser("cka_cost", description=__doc__.splitlines()[0])
+    ap = Parser("benchmarks.cka_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(FULL_WIDTH), help=f"comma-separated: {', '.join(SHAPES)}")
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens per layer (SkipCalibration's default)")
     ap.add_argument("--feature-experts", type=int, default=8,

@@ -233,7 +233,7 @@ def section_name(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = Parser("expert_matmul", description=__doc__.splitlines()[0])
+    ap = Parser("benchmarks.expert_matmul", description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="mixtral", choices=list(SHAPES))
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rows", default="1,2,3,4,5,6,8,16", help="comma-separated rows per expert")

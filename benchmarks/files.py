@@ -15,10 +15,10 @@ __all__ = ["Parser", "save_json"]
 
 
 class Parser(argparse.ArgumentParser):
-    """``argparse`` for ``python -m benchmarks.<name>``, with one-line errors and the file checks."""
+    """``argparse`` for ``python -m <module>``, with one-line errors and the file checks."""
 
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        super().__init__(prog=f"python -m benchmarks.{name}", **kwargs)
+    def __init__(self, module: str, **kwargs: Any) -> None:
+        super().__init__(prog=f"python -m {module}", **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message.strip().splitlines()[0]}\n")

@@ -822,7 +822,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int, args: ar
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = Parser("run", description=__doc__.splitlines()[0])
+    parser = Parser("benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
                                             "models/tiny-qwen3-deep")
     parser.add_argument("--sparsities", default="0.25,0.5")

@@ -290,7 +290,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = Parser("search_cost", description=__doc__.splitlines()[0])
+    ap = Parser("benchmarks.search_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="128x2,256x4,512x4,1024x4")
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--samples", type=int, default=16)

@@ -193,7 +193,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = Parser("serving", description=__doc__.splitlines()[0])
+    ap = Parser("benchmarks.serving", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep")
     ap.add_argument("--out", default="/tmp/diep_serving")
     ap.add_argument("--prompts", type=int, default=3)

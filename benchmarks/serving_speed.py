@@ -321,7 +321,7 @@ def targets_lines(results: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = Parser("serving_speed", description=__doc__.splitlines()[0])
+    ap = Parser("benchmarks.serving_speed", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mixtral,qwen3")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)

@@ -188,7 +188,7 @@ def section_name(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = Parser("skip_overhead", description=__doc__.splitlines()[0])
+    ap = Parser("benchmarks.skip_overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
                                         "models/tiny-qwen3-deep",
                     help="comma-separated model folders, or shapes of benchmarks.speed (mixtral, qwen3)")

@@ -117,7 +117,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = Parser("skip_strength", description=__doc__.splitlines()[0])
+    ap = Parser("benchmarks.skip_strength", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
                                         "models/tiny-qwen3-deep")
     ap.add_argument("--sparsities", default="0.25,0.5")

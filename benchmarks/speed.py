@@ -611,7 +611,7 @@ def bounds_note(entry: dict[str, Any], name: str, metric: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = Parser("speed", description=__doc__.splitlines()[0])
+    ap = Parser("benchmarks.speed", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mixtral,qwen3", help=f"comma-separated: {', '.join(SHAPES)}")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--layers", type=int, default=4)

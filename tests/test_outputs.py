@@ -138,3 +138,17 @@ def test_writable_file_and_save_text(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_text(target, "second")
     assert target.read_text() == "first" and sorted(p.name for p in target.parent.iterdir()) == ["new.json"]
+
+
+def test_the_training_tool_never_writes_into_the_shipped_models_or_over_a_users_model(tmp_path, capsys):
+    from tools import train_tiny_moe
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "tiny-mixtral"
+    _refused(capsys, lambda: train_tiny_moe.parse_args(["--out", str(shipped)]), "--out")
+    _refused(capsys, lambda: train_tiny_moe.parse_args(["--out", str(shipped / "new"), "--tokenizer-only"]), "--out")
+    users = tmp_path / "model"
+    users.mkdir()
+    (users / "config.json").write_text("{}")
+    assert "did not train" in _refused(capsys, lambda: train_tiny_moe.parse_args(["--out", str(users)]), "--out")
+    (users / "training_log.json").write_text("{}")  # an earlier run of the tool: replaced (or resumed)
+    assert train_tiny_moe.parse_args(["--out", str(users)]).out == users

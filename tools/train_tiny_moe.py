@@ -20,21 +20,21 @@ tiny-shakespeare, WikiText-2 *validation*). ``<data-dir>/eval`` (WikiText-2 test
 Reproduce the shipped models (CPU, from the repository root; times and machines in ``tools/README_models.md``)::
 
     # the tokenizer (shared by both models)
-    python -m tools.train_tiny_moe --tokenizer-only --out models/tiny-mixtral
+    python -m tools.train_tiny_moe --tokenizer-only --out /tmp/runs/tokenizer
     # tiny-mixtral: 2300 steps of 8 x 256 tokens (4.71 M tokens, 1.2 epochs), one thread
-    python -m tools.train_tiny_moe --arch mixtral --out models/tiny-mixtral --tokenizer models/tiny-mixtral \
+    python -m tools.train_tiny_moe --arch mixtral --out /tmp/runs/tiny-mixtral --tokenizer /tmp/runs/tokenizer \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2300 --max-minutes 59 --eval-every 500 --log-every 100
     # tiny-qwen-moe: 2000 steps of 8 x 256 tokens (4.10 M tokens, 1.0 epoch), one thread
-    python -m tools.train_tiny_moe --arch qwen-moe --out models/tiny-qwen-moe --tokenizer models/tiny-mixtral \
+    python -m tools.train_tiny_moe --arch qwen-moe --out /tmp/runs/tiny-qwen-moe --tokenizer /tmp/runs/tokenizer \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2000 --max-minutes 59 --eval-every 500 --log-every 100
     # tiny-mixtral-deep: 2600 steps of 8 x 256 tokens (5.32 M tokens, 1.3 epochs), one thread
-    python -m tools.train_tiny_moe --arch mixtral-deep --out models/tiny-mixtral-deep --tokenizer models/tiny-mixtral \
+    python -m tools.train_tiny_moe --arch mixtral-deep --out /tmp/runs/tiny-mixtral-deep --tokenizer /tmp/runs/tokenizer \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2600 --max-minutes 75 --eval-every 500 --log-every 100
     # tiny-qwen3-deep: 2600 steps of 8 x 256 tokens (5.32 M tokens, 1.3 epochs), one thread
-    python -m tools.train_tiny_moe --arch qwen3-deep --out models/tiny-qwen3-deep --tokenizer models/tiny-mixtral \
+    python -m tools.train_tiny_moe --arch qwen3-deep --out /tmp/runs/tiny-qwen3-deep --tokenizer /tmp/runs/tokenizer \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2600 --max-minutes 75 --eval-every 500 --log-every 100
     python -m tools.model_card --model models/tiny-mixtral --threads 2
@@ -42,8 +42,8 @@ Reproduce the shipped models (CPU, from the repository root; times and machines 
     python -m tools.model_card --model models/tiny-mixtral-deep --threads 2
     python -m tools.model_card --model models/tiny-qwen3-deep --threads 1
 
-The shipped models were written to a scratch ``--out`` and copied into ``models/`` (so a half-finished run
-never replaces a shipped model); each ``training_log.json`` records its command verbatim.
+then copy each finished ``/tmp/runs/<model>`` into ``models/`` (``--out`` inside ``models/`` is refused, so a
+half-finished run never replaces a shipped model); each ``training_log.json`` records its command verbatim.
 
 All shipped models use the same recipe (batch 8 x 256, peak lr 2.5e-3, 200 warm-up steps, per-layer
 balancing, about one epoch). ``--piece-chars`` (windows that start at short, paragraph-aligned pieces) was
@@ -675,7 +675,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     Returns:
         The parsed namespace.
     """
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from benchmarks.files import Parser
+
+    p = Parser("tools.train_tiny_moe", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=["mixtral", "qwen-moe", "mixtral-deep", "qwen3-deep"], default="mixtral")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
@@ -710,6 +712,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.piece_chars < 0:
         p.error(f"--piece-chars must be 0 (off) or a positive number of characters, got {args.piece_chars}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out: {args.out} is a file; name a folder")
+    from diep_lightning.export_dir import shipped_models_dir
+
+    shipped = shipped_models_dir()
+    if shipped is not None and args.out.resolve().is_relative_to(shipped.resolve()):
+        p.error(f"--out: {args.out} lies inside the shipped models ({shipped}); train into a scratch folder and copy "
+                "the finished model in")
+    ours = (args.out / CKPT_NAME).is_file() or (args.out / "training_log.json").is_file()
+    if not args.tokenizer_only and not args.benchmark_experts and not ours and any(
+            (args.out / name).exists() for name in ("config.json", "model.safetensors")):
+        p.error(f"--out: {args.out} holds a model this tool did not train (no training_log.json or {CKPT_NAME}), "
+                "which saving would replace; choose another --out")
     return args
 
 
