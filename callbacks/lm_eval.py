@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,15 @@ import lightning.pytorch as pl
 
 from diep_lightning.callbacks.step import PruningStep
 from diep_lightning.evaluation import evaluate, validate_tasks
+from diep_lightning.outputs import read_json, save_json, writable_file
+
+_SUMMARY_KEYS = {"tasks", "limit", "baseline", "pruned", "ratio"}
+
+
+def _earlier_summary(path: Path) -> bool:
+    """Whether ``path`` holds the summary an earlier run of this callback wrote."""
+    data = read_json(path)
+    return isinstance(data, dict) and set(data) == _SUMMARY_KEYS
 
 
 class LmEvalValidation(PruningStep):
@@ -32,7 +40,8 @@ class LmEvalValidation(PruningStep):
         data_dir: the kit's data directory (None: ``../shared/data/eval`` when present, else the shipped subset).
         baseline: evaluate the unpruned model at fit start.
         every_n_epochs: also evaluate the search model (scaled by the current alpha/beta) every n epochs.
-        output: where to write the JSON summary (default: ``<export dir>/lm_eval.json``).
+        output: where to write the JSON summary (default: ``<export dir>/lm_eval.json``): a new file or one an
+            earlier run of this callback wrote, checked before any model work.
     """
 
     def __init__(self, tasks: list[str] | str = ("kit_blimp", "kit_wikitext2"), limit: int | float | None = None,
@@ -45,6 +54,8 @@ class LmEvalValidation(PruningStep):
             raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
         if every_n_epochs is not None and every_n_epochs <= 0:
             raise ValueError(f"every_n_epochs: must be a positive integer or null, got {every_n_epochs!r}")
+        if output is not None:
+            writable_file(output, "output", _earlier_summary, "the summary of an earlier LmEvalValidation")
         self.tasks = validate_tasks(list(tasks) if not isinstance(tasks, str) else tasks, data_dir)
         self.limit, self.batch_size, self.data_dir = limit, batch_size, data_dir
         self.baseline, self.every_n_epochs, self.output = baseline, every_n_epochs, output
@@ -99,8 +110,7 @@ class LmEvalValidation(PruningStep):
         summary["ratio"] = {k: v / summary["baseline"][k] for k, v in summary["pruned"].items()
                             if summary["baseline"].get(k)}
         target = Path(self.output) if self.output else Path(export_dir) / "lm_eval.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(summary, indent=2))
+        save_json(target, summary, indent=2)
 
     @staticmethod
     def _full_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

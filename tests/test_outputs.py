@@ -152,3 +152,16 @@ def test_the_training_tool_never_writes_into_the_shipped_models_or_over_a_users_
     assert "did not train" in _refused(capsys, lambda: train_tiny_moe.parse_args(["--out", str(users)]), "--out")
     (users / "training_log.json").write_text("{}")  # an earlier run of the tool: replaced (or resumed)
     assert train_tiny_moe.parse_args(["--out", str(users)]).out == users
+
+
+def test_lm_eval_validation_replaces_only_its_own_summary(tmp_path):
+    from diep_lightning.callbacks import LmEvalValidation
+
+    users = tmp_path / "notes.json"
+    users.write_text(json.dumps({"mine": 1}))
+    with pytest.raises(Refusal, match=r"^output: .* is not the summary of an earlier LmEvalValidation"):
+        LmEvalValidation(tasks=["kit_copa"], output=str(users))
+    earlier = tmp_path / "lm_eval.json"
+    earlier.write_text(json.dumps({"tasks": ["kit_copa"], "limit": 2, "baseline": {}, "pruned": {}, "ratio": {}}))
+    assert LmEvalValidation(tasks=["kit_copa"], output=str(earlier)).output == str(earlier)
+    assert LmEvalValidation(tasks=["kit_copa"], output=str(tmp_path / "new" / "lm_eval.json")).output

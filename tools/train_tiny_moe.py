@@ -19,22 +19,22 @@ tiny-shakespeare, WikiText-2 *validation*). ``<data-dir>/eval`` (WikiText-2 test
 
 Reproduce the shipped models (CPU, from the repository root; times and machines in ``tools/README_models.md``)::
 
-    # the tokenizer (shared by both models)
+    # the tokenizer (shared by all four models; shipped in models/tiny-mixtral, which the commands below read)
     python -m tools.train_tiny_moe --tokenizer-only --out /tmp/runs/tokenizer
     # tiny-mixtral: 2300 steps of 8 x 256 tokens (4.71 M tokens, 1.2 epochs), one thread
-    python -m tools.train_tiny_moe --arch mixtral --out /tmp/runs/tiny-mixtral --tokenizer /tmp/runs/tokenizer \
+    python -m tools.train_tiny_moe --arch mixtral --out /tmp/runs/tiny-mixtral --tokenizer models/tiny-mixtral \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2300 --max-minutes 59 --eval-every 500 --log-every 100
     # tiny-qwen-moe: 2000 steps of 8 x 256 tokens (4.10 M tokens, 1.0 epoch), one thread
-    python -m tools.train_tiny_moe --arch qwen-moe --out /tmp/runs/tiny-qwen-moe --tokenizer /tmp/runs/tokenizer \
+    python -m tools.train_tiny_moe --arch qwen-moe --out /tmp/runs/tiny-qwen-moe --tokenizer models/tiny-mixtral \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2000 --max-minutes 59 --eval-every 500 --log-every 100
     # tiny-mixtral-deep: 2600 steps of 8 x 256 tokens (5.32 M tokens, 1.3 epochs), one thread
-    python -m tools.train_tiny_moe --arch mixtral-deep --out /tmp/runs/tiny-mixtral-deep --tokenizer /tmp/runs/tokenizer \
+    python -m tools.train_tiny_moe --arch mixtral-deep --out /tmp/runs/tiny-mixtral-deep --tokenizer models/tiny-mixtral \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2600 --max-minutes 75 --eval-every 500 --log-every 100
     # tiny-qwen3-deep: 2600 steps of 8 x 256 tokens (5.32 M tokens, 1.3 epochs), one thread
-    python -m tools.train_tiny_moe --arch qwen3-deep --out /tmp/runs/tiny-qwen3-deep --tokenizer /tmp/runs/tokenizer \
+    python -m tools.train_tiny_moe --arch qwen3-deep --out /tmp/runs/tiny-qwen3-deep --tokenizer models/tiny-mixtral \
         --seed 0 --threads 1 --batch-size 8 --lr 2.5e-3 --warmup 200 --balance-loss per-layer \
         --max-steps 2600 --max-minutes 75 --eval-every 500 --log-every 100
     python -m tools.model_card --model models/tiny-mixtral --threads 2
