@@ -165,3 +165,22 @@ def test_lm_eval_validation_replaces_only_its_own_summary(tmp_path):
     earlier.write_text(json.dumps({"tasks": ["kit_copa"], "limit": 2, "baseline": {}, "pruned": {}, "ratio": {}}))
     assert LmEvalValidation(tasks=["kit_copa"], output=str(earlier)).output == str(earlier)
     assert LmEvalValidation(tasks=["kit_copa"], output=str(tmp_path / "new" / "lm_eval.json")).output
+
+
+def test_the_model_card_tool_replaces_only_a_card_it_wrote(tmp_path, capsys):
+    from tools import model_card
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "tiny-mixtral"
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "README.md", "card_metrics.json", "training_log.json"):
+        (model / name).write_bytes((shipped / name).read_bytes())
+    model_card.main(["--model", str(model), "--render-only"])  # its own card: re-rendered
+    assert model_card.CARD_SECTION in (model / "README.md").read_text()
+    (model / "README.md").write_text(USERS)
+    _refused(capsys, lambda: model_card.main(["--model", str(model), "--render-only"]), "--model")
+    assert (model / "README.md").read_text() == USERS
+    (model / "README.md").unlink()
+    (model / "card_metrics.json").write_text(json.dumps({"mine": 1}))
+    _refused(capsys, lambda: model_card.main(["--model", str(model)]), "--model")
+    _refused(capsys, lambda: model_card.main(["--model", str(tmp_path / "nothing")]), "--model")

@@ -11,13 +11,15 @@ written by ``tools/train_tiny_moe.py``. Everything is saved to ``<model>/card_me
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from diep_lightning.outputs import read_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,15 +137,36 @@ that expert pruning has to find.
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+CARD_SECTION = "## Expert usage on held-out text"
+
+
+def check_model_dir(parser: Any, model_dir: Path, render_only: bool) -> None:
+    """Refuse, in one line before any evaluation, a folder whose README.md or card_metrics.json this tool did not
+    write: a card replaces only an earlier card."""
+    if not (model_dir / "config.json").is_file():
+        parser.error(f"--model: no model (config.json) in {model_dir}")
+    metrics = read_json(model_dir / "card_metrics.json")
+    if render_only and not isinstance(metrics, dict):
+        parser.error(f"--model: {model_dir} has no readable card_metrics.json to render (--render-only)")
+    if (model_dir / "card_metrics.json").exists() and not (isinstance(metrics, dict) and "expert_usage" in metrics):
+        parser.error(f"--model: {model_dir / 'card_metrics.json'} was not written by this tool; it would be replaced")
+    readme = model_dir / "README.md"
+    if readme.exists() and CARD_SECTION not in readme.read_text(encoding="utf-8", errors="replace"):
+        parser.error(f"--model: {readme} is not a card this tool wrote; it would be replaced")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.files import Parser
+
+    parser = Parser("tools.model_card", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--windows", type=int, default=64, help="held-out 256-token windows for usage/ablation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all; for dry runs)")
     parser.add_argument("--render-only", action="store_true",
                         help="re-write README.md from the card_metrics.json already measured (no evaluation)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_model_dir(parser, Path(args.model), args.render_only)
     if args.render_only:
         model_dir = Path(args.model)
         metrics = json.loads((model_dir / "card_metrics.json").read_text())
