@@ -4,24 +4,17 @@ traceback or over a user's file: a run replaces only its own earlier JSON and ad
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from diep_lightning.outputs import Refusal, is_report, read_json, save_json, writable_file, written_by
+from diep_lightning.outputs import CommandParser, Refusal, is_report, read_json, save_json, writable_file, written_by
 
 __all__ = ["Parser", "save_json"]
 
 
-class Parser(argparse.ArgumentParser):
-    """``argparse`` for ``python -m <module>``, with one-line errors and the file checks."""
-
-    def __init__(self, module: str, **kwargs: Any) -> None:
-        super().__init__(prog=f"python -m {module}", **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message.strip().splitlines()[0]}\n")
+class Parser(CommandParser):
+    """A benchmark's or tool's command line: one-line errors, and the checks of the files it reads and writes."""
 
     def earlier_run(self, path: str, flag: str = "--from") -> dict[str, Any]:
         """The JSON of an earlier run of this benchmark at ``path``."""

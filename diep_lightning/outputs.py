@@ -6,16 +6,27 @@ Exports have their own, stricter rules (``export_dir``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 #: The marker each benchmark section of a report sits between (``benchmarks.sections``).
 _SECTION_MARKER = re.compile(r"<!-- \w+:begin -->")
 REPORT_HEADING = "# Benchmark results"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse`` for ``python -m <module>`` whose errors are one line naming the argument, not the usage."""
+
+    def __init__(self, module: str, **kwargs: Any) -> None:
+        super().__init__(prog=f"python -m {module}", **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message.strip().splitlines()[0]}\n")
 
 
 class Refusal(ValueError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,9 @@ def _earlier_results(path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from .kit import DEFAULT_TASKS, evaluate, list_kit_tasks, resolve_data_dir
 
-    ap = argparse.ArgumentParser(prog="python -m diep_lightning.evaluation", description="Offline lm-eval kit tasks.")
+    from diep_lightning.outputs import CommandParser
+
+    ap = CommandParser("diep_lightning.evaluation", description="Offline lm-eval kit tasks.")
     ap.add_argument("--model", help="model directory (a saved transformers causal LM)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model directory)")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated task/group names")
