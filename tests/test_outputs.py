@@ -184,3 +184,8 @@ def test_the_model_card_tool_replaces_only_a_card_it_wrote(tmp_path, capsys):
     (model / "card_metrics.json").write_text(json.dumps({"mine": 1}))
     _refused(capsys, lambda: model_card.main(["--model", str(model)]), "--model")
     _refused(capsys, lambda: model_card.main(["--model", str(tmp_path / "nothing")]), "--model")
+
+
+def test_the_evaluation_commands_argument_errors_are_one_line(capsys):
+    err = _refused(capsys, lambda: evaluation_main(["--limit", "abc"]), "argument --limit")
+    assert err.startswith("python -m diep_lightning.evaluation: error:")
