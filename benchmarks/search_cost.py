@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3, help="rounds of floor and search per size")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "search_cost.json"))
+    ap.add_argument("--out", default=None,
+                    help="where the run's JSON goes (default benchmarks/search_cost.json, search_cost_cuda.json on cuda)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
     ap.add_argument("--child", choices=["floor", "diep"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--sizes: expected comma-separated HIDDENxLAYERS (128x2), got {args.sizes!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device: cuda asked for, but torch sees no CUDA device")
+    if args.out is None:  # a GPU's run never replaces the CPU's
+        args.out = str(Path(__file__).resolve().parent / f"{section_name({'device': args.device})}.json")
     ap.out_file(args.out)
     ap.report_file(args.results)
     from benchmarks.speed import machine

@@ -634,8 +634,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--compile", action="store_true",
                     help="decode through a compiled step (static cache); writes its own RESULTS.md section")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--out", default=None, help="where the run's JSON goes (default benchmarks/speed.json, "
-                                                "speed_compiled.json with --compile)")
+    ap.add_argument("--out", default=None, help="where the run's JSON goes (default: benchmarks/speed.json for the "
+                                                "CPU's eager section, speed_compiled.json for its compiled one, else "
+                                                "benchmarks/<RESULTS.md section>.json)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
     ap.add_argument("--from", dest="from_json", default=None,
@@ -664,10 +665,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
-    if args.out is None:
-        args.out = str(Path(__file__).resolve().parent / ("speed_compiled.json" if args.compile else "speed.json"))
-    ap.out_file(args.out)
-    ap.report_file(args.results)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.compile:
@@ -682,6 +679,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "hidden": args.hidden,
                                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                                "repeats": args.repeats, "runs": {}}
+    if args.out is None:  # each section its own JSON, so a GPU's or another setting's run never replaces the CPU's
+        section = section_name({**results, "runs": dict.fromkeys(f"{s} {d}" for s in args.shapes.split(",")
+                                                                 for d in args.dtypes.split(","))})
+        name = {"speed_cpu": "speed.json", "speed_cpu_compiled": "speed_compiled.json"}.get(section, f"{section}.json")
+        args.out = str(Path(__file__).resolve().parent / name)
+    ap.out_file(args.out)
+    ap.report_file(args.results)
     for shape in args.shapes.split(","):
         for dtype_name in args.dtypes.split(","):
             key = f"{shape} {dtype_name}"

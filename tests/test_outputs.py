@@ -189,3 +189,10 @@ def test_the_model_card_tool_replaces_only_a_card_it_wrote(tmp_path, capsys):
 def test_the_evaluation_commands_argument_errors_are_one_line(capsys):
     err = _refused(capsys, lambda: evaluation_main(["--limit", "abc"]), "argument --limit")
     assert err.startswith("python -m diep_lightning.evaluation: error:")
+
+
+@pytest.mark.parametrize("name", ["speed", "search_cost", "skip_overhead", "expert_matmul"])
+def test_a_gpu_run_on_a_machine_without_one_is_refused_before_measuring(name, capsys, monkeypatch):
+    main = importlib.import_module(f"benchmarks.{name}").main
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    _refused(capsys, lambda: main(["--device", "cuda", "--results", ""]), "--device")
