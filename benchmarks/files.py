@@ -35,6 +35,10 @@ class Parser(CommandParser):
             return None
         return self._checked(lambda: writable_file(path, flag, is_report, "a benchmark report (RESULTS.md)"))
 
+    def checked_file(self, path: str, flag: str, own: Callable[[Path], bool], own_words: str) -> Path:
+        """``path`` if the run may write it: a new file or one ``own`` recognises (``own_words`` in the refusal)."""
+        return self._checked(lambda: writable_file(path, flag, own, own_words))
+
     def out_folder(self, path: str, files: dict[str, Callable[[Path], bool]], flag: str = "--out",
                    exports: Iterable[str] = ()) -> Path:
         """``path`` if the run may write its ``files`` (name: how to tell its own earlier one) and its ``exports``

@@ -16,7 +16,6 @@ to ``--results``. Examples (from the repository root)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks import run as bench  # the benchmark's search and prune helpers
+from benchmarks.files import Parser
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "wikitext2_test.txt"
 
@@ -60,7 +60,12 @@ def token_perplexity(model: Any, ids: torch.Tensor, ctx: int = 256) -> float:
 
 def module_kwargs(spec: str) -> dict[str, Any]:
     """DiEPModule kwargs from JSON; ``{alpha,beta}_{opt,lr}`` become optimizer factories."""
-    kwargs = json.loads(spec)
+    try:
+        kwargs = json.loads(spec)
+    except ValueError as err:
+        raise SystemExit(f"error: --module: not JSON ({err})") from None
+    if not isinstance(kwargs, dict):
+        raise SystemExit(f"error: --module: expected a JSON object of DiEPModule arguments, got {spec!r}")
     for name in ("alpha", "beta"):
         opt, lr = kwargs.pop(f"{name}_opt", None), kwargs.pop(f"{name}_lr", None)
         if opt is None and lr is None:
@@ -73,8 +78,17 @@ def module_kwargs(spec: str) -> dict[str, Any]:
     return kwargs
 
 
+def tuning_log(path: Path) -> bool:
+    """Whether ``path`` holds only earlier runs' lines (each a JSON object naming its model and tag)."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return all({"model", "tag"} <= set(json.loads(line)) for line in lines)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser("benchmarks.tune", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/tiny-mixtral")
     parser.add_argument("--method", default="diep", choices=["diep", "random", "frequency", "reap", "naee"])
     parser.add_argument("--module", default="{}", help="DiEPModule keyword arguments as JSON (see above)")
@@ -90,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "tuning_results.jsonl"))
     args = parser.parse_args(argv)
     kwargs = module_kwargs(args.module)  # bad JSON fails here, before any model is loaded
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model: no model (config.json) in {args.model}")
+    parser.checked_file(args.results, "--results", tuning_log, "a tuning log (JSON lines of earlier runs)")
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,6 @@ temperature; prints the token perplexity of each pruned model (see ``TUNING.md``
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,13 @@ from typing import Any
 import torch
 
 from benchmarks import run as bench
-import tune  # noqa: E402
+from benchmarks import tune
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from benchmarks.files import Parser
+
+    parser = Parser("benchmarks.tune_merging", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/tiny-mixtral")
     parser.add_argument("--temperatures", default="1.0,0.3,0.1")
     parser.add_argument("--epochs", type=int, default=10)
@@ -29,9 +30,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    temperatures = [float(t) for t in args.temperatures.split(",")]
+    try:
+        temperatures = [float(t) for t in args.temperatures.split(",")]
+    except ValueError:
+        parser.error(f"--temperatures: comma-separated numbers, e.g. 1.0,0.3,0.1; got {args.temperatures!r}")
     if any(t <= 0 for t in temperatures):
-        raise SystemExit("error: --temperatures: every temperature must be > 0, e.g. 1.0,0.3,0.1")
+        parser.error("--temperatures: every temperature must be > 0, e.g. 1.0,0.3,0.1")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model: no model (config.json) in {args.model}")
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 

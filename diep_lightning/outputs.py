@@ -73,8 +73,8 @@ def writable_file(path: str | os.PathLike, flag: str, own: Callable[[Path], bool
         raise Refusal(f"{flag}: {target} is a folder; name a file")
     if target.exists() or target.is_symlink():
         if own is None or not own(target):
-            raise Refusal(f"{flag}: {target} exists and is not {own_words or 'a file this command wrote'}; it "
-                          f"replaces only that, so choose another {flag}")
+            raise Refusal(f"{flag}: {target} exists and is not {own_words or 'a file this command wrote'}, the "
+                          f"only file it writes over; choose another {flag}")
         if not os.access(target, os.W_OK):
             raise Refusal(f"{flag}: {target} is not writable; choose another {flag}")
         return target

@@ -196,3 +196,18 @@ def test_a_gpu_run_on_a_machine_without_one_is_refused_before_measuring(name, ca
     main = importlib.import_module(f"benchmarks.{name}").main
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     _refused(capsys, lambda: main(["--device", "cuda", "--results", ""]), "--device")
+
+
+def test_the_tuning_proxies_refuse_bad_input_and_append_only_to_a_tuning_log(tmp_path, capsys):
+    from benchmarks import tune, tune_merging
+
+    assert tune.tuning_log(Path(tune.__file__).parent / "tuning_results.jsonl")  # the shipped log: its default
+    users = tmp_path / "notes.txt"
+    users.write_text(USERS)
+    assert "not a tuning log" in _refused(capsys, lambda: tune.main(["--results", str(users)]), "--results")
+    assert users.read_text() == USERS
+    for main in (tune.main, tune_merging.main):
+        _refused(capsys, lambda: main(["--model", str(tmp_path / "nothing")]), "--model")
+    _refused(capsys, lambda: tune_merging.main(["--temperatures", "hot"]), "--temperatures")
+    with pytest.raises(SystemExit, match="error: --module: not JSON"):
+        tune.main(["--module", "{bad"])
