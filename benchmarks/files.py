@@ -1,6 +1,7 @@
-"""The benchmarks' command lines: an error is one line naming the argument, and the files a run reads (``--from``)
-and writes (``--out``, ``--results``) are checked before it measures anything, so hours of timing never end in a
-traceback or over a user's file: a run replaces only its own earlier JSON and adds sections only to a report."""
+"""The command lines of the benchmarks and maintainer tools: an error is one line naming the argument, and the files
+a run reads (``--from``) and writes (``--out``, ``--results``) are checked before it measures anything, so hours
+of timing never end in a traceback or over a user's file: a run replaces only its own earlier JSON and adds
+sections only to a report."""
 
 from __future__ import annotations
 
