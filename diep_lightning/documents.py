@@ -134,7 +134,7 @@ def local_documents(src: str, text_field: str, tag: str) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         docs: list[str] = []
         for f in files:
-            docs.extend(_read_file(f, text_field, tag))
+            docs.extend(_read_file(f, text_field, f"{tag}, file {f}"))
         return docs
     return _read_file(path, text_field, tag)
 

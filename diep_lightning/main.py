@@ -196,4 +196,7 @@ def main(args: list[str] | None = None) -> DiEPCLI:
         if type(err).__name__ in ("ArgumentError", "NSKeyError"):
             print(f"error: {_innermost_message(err)}", file=sys.stderr)
             raise SystemExit(2) from None
+        if type(err).__name__ == "MisconfigurationException":  # Lightning refusing a trainer setting
+            print(f"error: trainer: {_innermost_message(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
         raise

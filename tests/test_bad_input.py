@@ -77,6 +77,9 @@ def bad_inputs(tmp_path_factory, tiny_tokenizer):
         if file.name.startswith(("tokenizer", "special_tokens")):
             file.unlink()
     (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (root / "calib_dir").mkdir()
+    (root / "calib_dir" / "good.txt").write_text("some words of text\n" * 20)
+    (root / "calib_dir" / "notes.txt").write_bytes(bytes(range(256)) * 8)
     (root / "latin1.jsonl").write_bytes(json.dumps({"text": "caf\u00e9 " * 50}).encode().replace(b"\\u00e9", b"\xe9") + b"\n")
     (root / "bad.yaml").write_text("model:\n  lam: [1, 2\n")
     (root / "random.ckpt").write_bytes(bytes(range(256)) * 64)
@@ -158,6 +161,9 @@ CASES = [
     ("ckpt_random_bytes", None, ["--ckpt_path={root}/random.ckpt"], "ckpt_path: {root}/random.ckpt is not a readable"),
     ("ckpt_truncated", None, ["--ckpt_path={truncated}"], "ckpt_path: {truncated} is not a readable"),
     ("max_epochs_zero", None, [*PRUNE, "--trainer.max_epochs=0"], "trainer.max_epochs:"),
+    ("max_epochs_negative", None, ["--trainer.max_epochs=-2"], "trainer: `max_epochs` must be a non-negative"),
+    ("calibration_folder_with_a_binary_file", None, ["--data.sources={root}/calib_dir"],
+     "sources[0]='{root}/calib_dir', file {root}/calib_dir/notes.txt: a binary file"),
     ("sparsity_removes_nothing", None, [*PRUNE, "--prune.sparsity=0.01"], "sparsity: 0.01 removes no expert"),
     ("seq_len_beyond_positions", None, ["--data.seq_len=4096"], "seq_len: 4096 tokens per sequence exceed"),
     ("calibration_binary_txt", None, ["--data.sources={root}/binary.txt"], "sources[0]='{root}/binary.txt': a binary file"),
