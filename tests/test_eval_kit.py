@@ -188,3 +188,11 @@ def test_cli(tiny_model, tiny_tokenizer, tmp_path, capsys):
     assert "kit_blimp_causative/acc" in capsys.readouterr().out
     assert cli_main(["--model", str(model_dir), "--tasks", "kit_nope"]) == 2
     assert "unknown task 'kit_nope'" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_negative_few_shot_count_and_a_missing_gpu(tiny_model, tiny_tokenizer, monkeypatch):
+    with pytest.raises(ValueError, match=r"num_fewshot must be a whole number >= 0"):
+        evaluate(tiny_model, tiny_tokenizer, tasks="kit_copa", data_dir=SHIPPED_DATA_DIR, num_fewshot=-1)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device: cuda asked for, but torch sees no CUDA device"):
+        evaluate(tiny_model, tiny_tokenizer, tasks="kit_copa", data_dir=SHIPPED_DATA_DIR, device="cuda")

@@ -430,6 +430,11 @@ def evaluate(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
         raise ValueError(f"limit must be a positive int (docs per task) or a fraction in (0, 1), got {limit!r}")
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
+                                    or num_fewshot < 0):
+        raise ValueError(f"num_fewshot must be a whole number >= 0 (or None: each task's default), got {num_fewshot!r}")
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} asked for, but torch sees no CUDA device")
     kit = render_tasks(data_dir)
     need_defaults = _check_tasks(names, kit)
     task_manager = get_task_manager(kit.data_dir, include_defaults=need_defaults)
