@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json
+from benchmarks.files import Parser, save_json, whole
 from benchmarks.expert_matmul import expert_shapes
 from benchmarks.sections import publish
 from benchmarks.speed import FULL_WIDTH, SHAPES, machine
@@ -66,10 +66,10 @@ def report(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = Parser("benchmarks.cka_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(FULL_WIDTH), help=f"comma-separated: {', '.join(SHAPES)}")
-    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens per layer (SkipCalibration's default)")
-    ap.add_argument("--feature-experts", type=int, default=8,
+    ap.add_argument("--tokens", type=whole(2), default=4096, help="calibration tokens per layer (SkipCalibration's default)")
+    ap.add_argument("--feature-experts", type=whole(0), default=8,
                     help="experts whose pairs the feature form is timed over (0: all of them)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=whole(1), default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "cka_cost.json"))
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json
+from benchmarks.files import Parser, save_json, whole
 from benchmarks.sections import publish
 from benchmarks.speed import SHAPES, _sync, machine, round_seeds
 
@@ -238,12 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rows", default="1,2,3,4,5,6,8,16", help="comma-separated rows per expert")
     ap.add_argument("--kernels", default="grouped,loop", help="comma-separated: grouped, loop")
-    ap.add_argument("--hidden", type=int, default=None, help="scale the widths to this hidden size (quick checks)")
-    ap.add_argument("--pool-mb", type=int, default=1536, help="weights cycled through (larger than the caches)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hidden", type=whole(64, 64), default=None, help="scale the widths to this hidden size (quick checks)")
+    ap.add_argument("--pool-mb", type=whole(1), default=1536, help="weights cycled through (larger than the caches)")
+    ap.add_argument("--repeats", type=whole(1), default=5)
     ap.add_argument("--no-predict", dest="predict", action="store_false",
                     help="leave out the prediction from benchmarks.speed's routing (builds and decodes its model)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=whole(1), default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="the run's JSON (default benchmarks/<section>.json)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),

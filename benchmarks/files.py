@@ -5,13 +5,30 @@ sections only to a report."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from diep_lightning.outputs import CommandParser, Refusal, is_report, read_json, save_json, writable_file, written_by
 
-__all__ = ["Parser", "save_json"]
+__all__ = ["Parser", "save_json", "whole"]
+
+
+def whole(minimum: int = 1, multiple: int = 1) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum`` (and a multiple of ``multiple``), so a count no run can use
+    is refused in one line before any model is built."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}"
+                                             + (f" and a multiple of {multiple}" if multiple > 1 else "")
+                                             + f", got {value}")
+        return value
+    return parse
 
 
 class Parser(CommandParser):

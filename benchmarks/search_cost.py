@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json
+from benchmarks.files import Parser, save_json, whole
 from benchmarks.sections import publish, write_section
 from benchmarks.speed import _sync
 
@@ -292,14 +292,14 @@ def report(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = Parser("benchmarks.search_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="128x2,256x4,512x4,1024x4")
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--vocab", type=whole(64), default=2048)
+    ap.add_argument("--samples", type=whole(1), default=16)
+    ap.add_argument("--seq-len", type=whole(2), default=128)
+    ap.add_argument("--batch-size", type=whole(1), default=4)
+    ap.add_argument("--epochs", type=whole(1), default=5)
+    ap.add_argument("--threads", type=whole(1), default=os.cpu_count())
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of floor and search per size")
+    ap.add_argument("--repeats", type=whole(1), default=3, help="rounds of floor and search per size")
     ap.add_argument("--out", default=None,
                     help="where the run's JSON goes (default benchmarks/search_cost.json, search_cost_cuda.json on cuda)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes.split(",")]
     except ValueError:
         ap.error(f"--sizes: expected comma-separated HIDDENxLAYERS (128x2), got {args.sizes!r}")
+    if any(len(size) != 2 or min(size) < 1 for size in sizes):
+        ap.error(f"--sizes: each HIDDENxLAYERS needs two whole numbers >= 1, got {args.sizes!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device: cuda asked for, but torch sees no CUDA device")
     if args.out is None:  # a GPU's run never replaces the CPU's

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.files import Parser, a_run_of, linked_copy, save_json
+from benchmarks.files import Parser, a_run_of, linked_copy, save_json, whole
 from benchmarks.sections import write_section
 from diep_lightning.serving.skipping import SWITCH
 
@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = Parser("benchmarks.serving", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep")
     ap.add_argument("--out", default="/tmp/diep_serving")
-    ap.add_argument("--prompts", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=20)
-    ap.add_argument("--epochs", type=int, default=3, help="epochs of the DiEP search whose scores prune")
+    ap.add_argument("--prompts", type=whole(1), default=3)
+    ap.add_argument("--new-tokens", type=whole(2), default=20)
+    ap.add_argument("--epochs", type=whole(1), default=3, help="epochs of the DiEP search whose scores prune")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"), help="'' to skip the report")
     ap.add_argument("--child", choices=["vllm", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)

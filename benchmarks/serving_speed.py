@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.files import Parser, a_run_of, save_json
+from benchmarks.files import Parser, a_run_of, save_json, whole
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("decode_1", "decode_16", "prefill")
@@ -323,13 +323,13 @@ def targets_lines(results: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = Parser("benchmarks.serving_speed", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mixtral,qwen3")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=None, help="scale every width to this hidden size (quick checks)")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3, help="rounds per engine")
-    ap.add_argument("--engine-rounds", type=int, default=2,
+    ap.add_argument("--layers", type=whole(1), default=4)
+    ap.add_argument("--vocab", type=whole(64), default=2048)
+    ap.add_argument("--hidden", type=whole(64, 64), default=None, help="scale every width to this hidden size (quick checks)")
+    ap.add_argument("--new-tokens", type=whole(2), default=32)
+    ap.add_argument("--prefill-tokens", type=whole(1), default=512)
+    ap.add_argument("--repeats", type=whole(1), default=3, help="rounds per engine")
+    ap.add_argument("--engine-rounds", type=whole(1), default=2,
                     help="engines started per export, alternating between exports")
     ap.add_argument("--skip-shares", default=None,
                     help="comma-separated skipped shares to calibrate to (default: the paper's strength 1)")

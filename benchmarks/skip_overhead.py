@@ -23,7 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.files import Parser, save_json
+from benchmarks.files import Parser, save_json, whole
 from benchmarks.sections import publish
 from benchmarks import speed
 from benchmarks.speed import machine, ratios
@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen-moe,models/tiny-mixtral-deep,"
                                         "models/tiny-qwen3-deep",
                     help="comma-separated model folders, or shapes of benchmarks.speed (mixtral, qwen3)")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=whole(1), default=7)
+    ap.add_argument("--new-tokens", type=whole(2), default=32)
+    ap.add_argument("--threads", type=whole(1), default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--paths", default=",".join(PATHS),

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json
+from benchmarks.files import Parser, save_json, whole
 from benchmarks.run import HEADLINE, LOWER_IS_BETTER, REPO, _datamodule, paired_bootstrap
 from benchmarks.sections import write_section
 
@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         "models/tiny-qwen3-deep")
     ap.add_argument("--sparsities", default="0.25,0.5")
     ap.add_argument("--strengths", default="1,1.25,1.5,2")
-    ap.add_argument("--blimp-limit", type=int, default=40)
-    ap.add_argument("--wikitext-limit", type=int, default=8)
-    ap.add_argument("--num-samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--blimp-limit", type=whole(1), default=40)
+    ap.add_argument("--wikitext-limit", type=whole(1), default=8)
+    ap.add_argument("--num-samples", type=whole(1), default=128)
+    ap.add_argument("--seq-len", type=whole(2), default=256)
+    ap.add_argument("--batch-size", type=whole(1), default=16)
     ap.add_argument("--scores-from", default=str(REPO / "benchmarks" / "results.json"),
                     help="a benchmarks.run results.json holding each model's DiEP seed-0 scores")
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--jobs", type=whole(1), default=2)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "skip_strength.json"))
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--from", dest="from_json", default=None,

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json
+from benchmarks.files import Parser, save_json, whole
 from benchmarks.sections import publish, write_section
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -614,12 +614,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = Parser("benchmarks.speed", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mixtral,qwen3", help=f"comma-separated: {', '.join(SHAPES)}")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=None, help="scale every width to this hidden size (quick checks)")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=whole(1), default=4)
+    ap.add_argument("--vocab", type=whole(64), default=2048)
+    ap.add_argument("--hidden", type=whole(64, 64), default=None, help="scale every width to this hidden size (quick checks)")
+    ap.add_argument("--new-tokens", type=whole(2), default=32)
+    ap.add_argument("--prefill-tokens", type=whole(1), default=512)
+    ap.add_argument("--repeats", type=whole(1), default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-strength", type=float, default=1.0,
                     help="SkipCalibration's strength: thresholds x this (1: the paper's median rule); a run with "
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "share skipping that share of the slots, timed side by side (RESULTS.md section *_shares)")
     ap.add_argument("--compile", action="store_true",
                     help="decode through a compiled step (static cache); writes its own RESULTS.md section")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=whole(1), default=os.cpu_count())
     ap.add_argument("--out", default=None, help="where the run's JSON goes (default: benchmarks/speed.json for the "
                                                 "CPU's eager section, speed_compiled.json for its compiled one, else "
                                                 "benchmarks/<RESULTS.md section>.json)")
@@ -663,6 +663,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
+    bad = [d for d in args.dtypes.split(",") if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        ap.error(f"--dtypes: choose from float32, bfloat16, float16; got {bad}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)

@@ -211,3 +211,18 @@ def test_the_tuning_proxies_refuse_bad_input_and_append_only_to_a_tuning_log(tmp
     _refused(capsys, lambda: tune_merging.main(["--temperatures", "hot"]), "--temperatures")
     with pytest.raises(SystemExit, match="error: --module: not JSON"):
         tune.main(["--module", "{bad"])
+
+
+@pytest.mark.parametrize("name, args, flag", [
+    ("speed", ["--repeats", "0"], "argument --repeats"), ("speed", ["--hidden", "3"], "argument --hidden"),
+    ("speed", ["--prefill-tokens", "0"], "argument --prefill-tokens"), ("speed", ["--dtypes", "int8"], "--dtypes"),
+    ("speed", ["--layers", "x"], "argument --layers"), ("skip_overhead", ["--threads", "0"], "argument --threads"),
+    ("expert_matmul", ["--hidden", "100"], "argument --hidden"), ("search_cost", ["--sizes", "0x2"], "--sizes"),
+    ("search_cost", ["--seq-len", "1"], "argument --seq-len"), ("cka_cost", ["--feature-experts", "-1"],
+                                                               "argument --feature-experts"),
+    ("skip_strength", ["--jobs", "0"], "argument --jobs"), ("serving_speed", ["--vocab", "8"], "argument --vocab"),
+    ("serving", ["--prompts", "0"], "argument --prompts"),
+])
+def test_counts_no_run_can_use_are_refused_in_one_line(name, args, flag, capsys):
+    main = importlib.import_module(f"benchmarks.{name}").main
+    _refused(capsys, lambda: main([*args, "--results", ""]), flag)
