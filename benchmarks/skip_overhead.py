@@ -15,6 +15,7 @@ skipping off, on through the lean path and on through the sentinel path, one aft
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,13 @@ def ops_per_layer(model: Any, layers: int) -> dict[str, float]:
     prompt = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4)).to(device)
     out = model(prompt, use_cache=True)
     step = torch.randint(3, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(5)).to(device)
+    # transformers 5.24 renamed the forward's past_key_values to cache (the old name goes in 5.40)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = {name: out["cache"] if "cache" in out else out.past_key_values}
     counts = {}
     for name in PATHS:
         with _Path(model, name), OpCounter() as counter:
-            model(step, past_key_values=out.past_key_values, use_cache=True)
+            model(step, use_cache=True, **cache)
         counts[name] = counter.ops
     return {name: (counts[name] - counts["off"]) / layers for name in PATHS if name != "off"}
 
