@@ -82,8 +82,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
-    if args.tokens < 2:
-        ap.error(f"--tokens: CKA needs at least 2 tokens, got {args.tokens}")
     ap.out_file(args.out)
     ap.report_file(args.results)
     if args.threads:

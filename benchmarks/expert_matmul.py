@@ -269,16 +269,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.kernels = [k for k in args.kernels.split(",") if k]
         if not args.kernels or not set(args.kernels) <= {"grouped", "loop"}:
             ap.error(f"--kernels: choose from grouped, loop; got {args.kernels}")
-        if args.repeats < 1 or args.pool_mb < 1:
-            ap.error(f"--repeats/--pool-mb: must be >= 1, got {args.repeats}/{args.pool_mb}")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
-        if args.out:
-            ap.out_file(args.out)
+        ap.device(args.device)
+        out = ap.out_file(args.out or str(REPO / "benchmarks" /
+                                          f"{section_name({'device': torch.device(args.device).type})}.json"))
         if args.threads:
             torch.set_num_threads(args.threads)
         results = run(args)
-        out = args.out or ap.out_file(str(REPO / "benchmarks" / f"{section_name(results)}.json"))
         save_json(out, results)
     publish(args.results, section_name(results), report(results))
     return results

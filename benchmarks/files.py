@@ -42,20 +42,30 @@ class Parser(CommandParser):
             self.error(f"{flag}: {path} is not the JSON of an earlier `{self.prog}` run")
         return read_json(path)
 
-    def out_file(self, path: str, flag: str = "--out") -> Path:
-        """``path`` if the run's JSON may go there: a new file or this benchmark's own earlier JSON."""
-        return self._checked(lambda: writable_file(path, flag, written_by(self.prog),
-                                                   f"the JSON of an earlier `{self.prog}` run"))
-
-    def report_file(self, path: str | None, flag: str = "--results") -> Path | None:
-        """``path`` if the run's section may go there (``None`` for ''): a new file or a benchmark report."""
-        if not path:
-            return None
-        return self._checked(lambda: writable_file(path, flag, is_report, "a benchmark report (RESULTS.md)"))
-
     def checked_file(self, path: str, flag: str, own: Callable[[Path], bool], own_words: str) -> Path:
         """``path`` if the run may write it: a new file or one ``own`` recognises (``own_words`` in the refusal)."""
         return self._checked(lambda: writable_file(path, flag, own, own_words))
+
+    def out_file(self, path: str, flag: str = "--out") -> Path:
+        """``path`` if the run's JSON may go there: a new file or this benchmark's own earlier JSON."""
+        return self.checked_file(path, flag, written_by(self.prog), f"the JSON of an earlier `{self.prog}` run")
+
+    def report_file(self, path: str | None, flag: str = "--results") -> Path | None:
+        """``path`` if the run's section may go there (``None`` for ''): a new file or a benchmark report."""
+        return self.checked_file(path, flag, is_report, "a benchmark report (RESULTS.md)") if path else None
+
+    def device(self, device: str, flag: str = "--device") -> None:
+        """Refuse a CUDA device on a machine where torch sees none."""
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            self.error(f"{flag}: {device} asked for, but torch sees no CUDA device")
+
+    def model_dir(self, path: str, flag: str = "--model") -> Path:
+        """``path`` if it holds a model (its config.json)."""
+        if not (Path(path) / "config.json").is_file():
+            self.error(f"{flag}: no model (config.json) in {path}")
+        return Path(path)
 
     def out_folder(self, path: str, files: dict[str, Callable[[Path], bool]], flag: str = "--out",
                    exports: Iterable[str] = ()) -> Path:

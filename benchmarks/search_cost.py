@@ -330,8 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--sizes: expected comma-separated HIDDENxLAYERS (128x2), got {args.sizes!r}")
     if any(len(size) != 2 or min(size) < 1 for size in sizes):
         ap.error(f"--sizes: each HIDDENxLAYERS needs two whole numbers >= 1, got {args.sizes!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device: cuda asked for, but torch sees no CUDA device")
+    ap.device(args.device)
     if args.out is None:  # a GPU's run never replaces the CPU's
         args.out = str(Path(__file__).resolve().parent / f"{section_name({'device': args.device})}.json")
     ap.out_file(args.out)

@@ -95,6 +95,16 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def export_name(model_dir: str, mode: str) -> str:
+    """The folder, under ``--out``, of a model's 50% export in ``mode``."""
+    return f"{Path(model_dir).name}-{mode}50"
+
+
+def copy_name(model_dir: str, label: str) -> str:
+    """The folder, under ``--out``, of the plugin's copy of a model's ``label`` row."""
+    return f"{Path(model_dir).name}-{label}-plugin"
+
+
 def make_exports(model_dir: str, out: Path, epochs: int) -> dict[str, str]:
     """The full model and its 50% uniform and global exports, pruned by DiEP's scores from a short search."""
     import lightning.pytorch as pl
@@ -113,7 +123,7 @@ def make_exports(model_dir: str, out: Path, epochs: int) -> dict[str, str]:
     paths = {"full": model_dir}
     for mode in ("uniform", "global"):
         pruned = prune(load_model(model_dir), scores, 0.5, mode)
-        target = out / f"{Path(model_dir).name}-{mode}50"
+        target = out / export_name(model_dir, mode)
         export_pruned(pruned.model, pruned.plan, target, source=model_dir, original=pruned.before,
                       tokenizer=load_tokenizer(model_dir), overwrite=True, method="DiEP")
         paths[f"{mode}_50"] = str(target)
@@ -209,10 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(child(args.path, json.loads(args.prompt_ids), args.new_tokens, args.child,
                                json.loads(args.overrides))))
         return {}
-    names = [Path(m).name for m in args.models.split(",") if m]
+    models = [m for m in args.models.split(",") if m]
     out = ap.out_folder(args.out, {"serving.json": a_run_of("serving")},
-                        exports=[f"{n}-{mode}50" for n in names for mode in ("uniform", "global")])
-    for copy in (out / f"{n}-{label}-plugin" for n in names for label in ("full", "uniform_50", "global_50")):
+                        exports=[export_name(m, mode) for m in models for mode in ("uniform", "global")])
+    for copy in (out / copy_name(m, label) for m in models for label in ("full", "uniform_50", "global_50")):
         if copy.exists() and not linked_copy(copy):
             ap.error(f"--out: {copy} exists and is not a plugin copy this benchmark made; choose another --out")
     ap.report_file(args.results)
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             served = run_child(path, prompts, args.new_tokens, "vllm")
             rows = [(label, served)]
             if "Unsupported CPU attention" in served.get("error", ""):  # stock vLLM refuses; the plugin pads heads
-                copy = plugin_copy(path, out / f"{Path(model_dir).name}-{label}-plugin")
+                copy = plugin_copy(path, out / copy_name(model_dir, label))
                 rows.append((f"{label} (plugin, padded heads)", run_child(copy, prompts, args.new_tokens, "vllm")))
             for row, result in rows:
                 equal = "tokens" in result and result["tokens"] == reference.get("tokens")

@@ -36,6 +36,16 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = ("decode_1", "decode_16", "prefill")
 
 
+def variant_name(variant: str, share: float | None) -> str:
+    """A variant's name: ``full`` or ``pruned_50``, with ``@<share>`` when calibrated to a skipped share."""
+    return variant if share is None else f"{variant}@{share:g}"
+
+
+def export_name(shape: str, name: str) -> str:
+    """The folder, under ``--out``, of a variant's export."""
+    return f"{shape}-{name.replace('@', '-share')}"
+
+
 def make_exports(shape: str, args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:
     """``{variant: {"path", "experts", "calibrated_share"}}`` per skipping setting: the full model and its 50%
     uniform pruning, each exported with calibrated skipping recorded."""
@@ -65,8 +75,8 @@ def make_exports(shape: str, args: argparse.Namespace, out: Path) -> dict[str, d
                 plan = prune(model, scores, 0.5, "uniform").plan
             skipping = calibrate_skipping(model, batches, share=setting)
             plan.skipping = skipping.record()
-            name = variant if setting is None else f"{variant}@{setting:g}"
-            target = out / f"{shape}-{name.replace('@', '-share')}"
+            name = variant_name(variant, setting)
+            target = out / export_name(shape, name)
             export_pruned(model, plan, target, source=f"random {shape}", original=before, overwrite=True)
             shares = list(skipping.skipped_fraction.values())
             exports[name] = {"path": str(target), "experts": get_family(model).blocks(model)[0].num_experts,
@@ -350,10 +360,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
-    names = [f"{v}-share{s:g}" if s is not None else v for s in (args.skip_shares or [None])
-             for v in ("full", "pruned_50")]
+    names = [variant_name(v, s) for s in (args.skip_shares or [None]) for v in ("full", "pruned_50")]
     ap.out_folder(args.out, {"serving_speed.json": a_run_of("serving_speed")},
-                  exports=[f"{shape}-{n}" for shape in args.shapes.split(",") for n in names])
+                  exports=[export_name(shape, n) for shape in args.shapes.split(",") for n in names])
     ap.report_file(args.results)
     import vllm
 

@@ -216,10 +216,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = ap.earlier_run(args.from_json)
         publish(ap.report_file(args.results), section_name(results), report(results))
         return results
-    if args.rounds < 1:
-        ap.error(f"--rounds: must be >= 1, got {args.rounds}")
-    if args.new_tokens < 2:
-        ap.error(f"--new-tokens: a decode rate needs at least 2, got {args.new_tokens}")
     args.paths = tuple(dict.fromkeys(["off"] + [x for x in args.paths.split(",") if x]))
     if not set(args.paths) <= set(PATHS) or len(args.paths) < 2:
         ap.error(f"--paths: choose from {', '.join(PATHS)} (off is always timed), got {args.paths!r}")
@@ -227,8 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     missing = [m for m in models if m not in speed.SHAPES and not (Path(m) / "config.json").is_file()]
     if missing:
         ap.error(f"--models: no model (config.json) at {', '.join(missing)}; or a shape of {', '.join(speed.SHAPES)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device: {args.device} asked for, but torch sees no CUDA device")
+    ap.device(args.device)
     torch.set_num_threads(args.threads)
     if args.compile:
         speed.compile_decoding()

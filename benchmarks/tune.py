@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "tuning_results.jsonl"))
     args = parser.parse_args(argv)
     kwargs = module_kwargs(args.module)  # bad JSON fails here, before any model is loaded
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model: no model (config.json) in {args.model}")
+    parser.model_dir(args.model)
     parser.checked_file(args.results, "--results", tuning_log, "a tuning log (JSON lines of earlier runs)")
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--temperatures: comma-separated numbers, e.g. 1.0,0.3,0.1; got {args.temperatures!r}")
     if any(t <= 0 for t in temperatures):
         parser.error("--temperatures: every temperature must be > 0, e.g. 1.0,0.3,0.1")
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model: no model (config.json) in {args.model}")
+    parser.model_dir(args.model)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 

@@ -143,8 +143,7 @@ CARD_SECTION = "## Expert usage on held-out text"
 def check_model_dir(parser: Any, model_dir: Path, render_only: bool) -> None:
     """Refuse, in one line before any evaluation, a folder whose README.md or card_metrics.json this tool did not
     write: a card replaces only an earlier card."""
-    if not (model_dir / "config.json").is_file():
-        parser.error(f"--model: no model (config.json) in {model_dir}")
+    parser.model_dir(str(model_dir))
     metrics = read_json(model_dir / "card_metrics.json")
     if render_only and not isinstance(metrics, dict):
         parser.error(f"--model: {model_dir} has no readable card_metrics.json to render (--render-only)")

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from diep_lightning.outputs import CommandParser, Refusal, read_json, save_text, writable_file
+
 
 def _limit(s: str) -> int | float:
     v = float(s)
@@ -14,8 +16,6 @@ def _limit(s: str) -> int | float:
 
 def _earlier_results(path: Path) -> bool:
     """Whether ``path`` holds the results JSON of an earlier evaluation (``{task: {..., "n"}, "task/metric": v}``)."""
-    from diep_lightning.outputs import read_json
-
     data = read_json(path)
     return isinstance(data, dict) and bool(data) and all(
         "/" in key or (isinstance(value, dict) and "n" in value) for key, value in data.items())
@@ -23,8 +23,6 @@ def _earlier_results(path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from .kit import DEFAULT_TASKS, evaluate, list_kit_tasks, resolve_data_dir
-
-    from diep_lightning.outputs import CommandParser
 
     ap = CommandParser("diep_lightning.evaluation", description="Offline lm-eval kit tasks.")
     ap.add_argument("--model", help="model directory (a saved transformers causal LM)")
@@ -42,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", type=Path, default=None,
                     help="write the kit task YAMLs for the data dir into this folder (for lm_eval --include_path) and exit")
     a = ap.parse_args(argv)
-    from diep_lightning.outputs import Refusal, save_text, writable_file
-
     try:  # before any work: an output path never replaces a file this command did not write
         if a.output:
             writable_file(a.output, "--output", _earlier_results, "the results JSON of an earlier evaluation")
