@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from benchmarks.files import Parser, a_run_of
-from benchmarks.sections import kept_sections
+from benchmarks.recovery import CALIBRATED_ROWS, recovery_section
+from benchmarks.sections import kept_sections, today_section
 from diep_lightning.outputs import is_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +132,16 @@ def cost_child(model_dir: str, method: str, args: argparse.Namespace) -> dict[st
     start = time.perf_counter()
     if method == "floor":
         floor_pass(model_dir, args)
+    elif method == "diep_cal":  # the router-calibration stage alone: its own wall time and peak memory
+        import gc
+
+        module, datamodule = search(model_dir, "diep", args)
+        scores = module.expert_scores()
+        del module
+        gc.collect()
+        reset_peak_rss()
+        start = time.perf_counter()
+        prune(model_dir, scores, 0.5, "global", datamodule, calibrate=True)
     elif method == "diep_evo":  # DiEP's search, then the evolutionary allocation over its ranking
         module, _ = search(model_dir, "diep", args)
         with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +160,15 @@ def cost_child(model_dir: str, method: str, args: argparse.Namespace) -> dict[st
         module.expert_scores()  # NAEE's subset search, evo, ablation and greedy do their work at scoring
     wall = time.perf_counter() - start
     return {"wall_s": wall, "peak_rss_mb": peak_rss_mb()}
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory afresh (Linux: ``clear_refs`` 5), so a stage after a search
+    reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def peak_rss_mb() -> float:
@@ -176,15 +196,18 @@ def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[
 
 # ---------------------------------------------------------------------------------------------- pruning
 def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str, datamodule: Any = None,
-          merge: bool = False, skip: bool = False, merge_temperature: float = 1.0):
-    """A fresh copy of the model pruned with ``scores`` by the library's :func:`diep_lightning.prune`."""
+          merge: bool = False, skip: bool = False, merge_temperature: float = 1.0, calibrate: bool = False):
+    """A fresh copy of the model pruned with ``scores`` by the library's :func:`diep_lightning.prune`; with
+    ``calibrate`` its routers are calibrated (default settings) on all the datamodule's calibration text."""
     from diep_lightning.data import first_batches
     from diep_lightning.loading import load_model
     from diep_lightning.pipeline import prune as prune_model
 
     batches = first_batches(datamodule, 4) if datamodule is not None else []
     pruned = prune_model(load_model(model_dir), scores, sparsity, mode, batches=batches,
-                         merge_temperature=merge_temperature if merge else None, skip=skip)
+                         merge_temperature=merge_temperature if merge else None, skip=skip,
+                         calibrate_router=calibrate or None,
+                         router_batches=first_batches(datamodule, 10**9) if calibrate else ())
     return pruned.model, pruned.plan, pruned.after, pruned.skipping
 
 
@@ -267,7 +290,8 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     full = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     result: dict[str, Any] = {"full": evaluate_model(full, model_dir, args) if "quality" in args.phases else {},
                               "full_sizes": size_report(full), "quality": {}, "cost": {}, "decode": {},
-                              "checkpoint_sha256": checkpoint_sha256(model_dir), "machine": machine(args.threads)}
+                              "checkpoint_sha256": checkpoint_sha256(model_dir), "machine": machine(args.threads),
+                              "top_k": getattr(full.config, "num_experts_per_tok", None)}
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
@@ -276,6 +300,8 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         entry = result["quality"].setdefault(method, {}).setdefault(str(sparsity), [])
         entry.append({"seed": seed, "metrics": scores, "expert_bytes": sizes["expert_bytes"],
                       "kept_per_layer": [len(k) for k in plan.kept]})
+        if plan.router_calibration:
+            entry[-1]["router_calibration"] = {k: v for k, v in plan.router_calibration.items() if k != "history"}
         print(f"   {method:<14} sparsity {sparsity:.2f} seed {seed}: " +
               ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, (int, float))), flush=True)
 
@@ -288,14 +314,18 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         # DiEP: one search per data seed serves every sparsity
         diep_modules = {}
         # (DiEP refined by the evolutionary allocation needs only the first seed's search)
-        diep_rows = wanted("diep", "diep_uniform", "diep_merge", "diep_skip")
-        for seed in seeds if diep_rows else seeds[:1] if wanted("diep_evo") else []:
+        diep_rows = wanted("diep", "diep_uniform", "diep_merge", "diep_skip", "diep_cal")
+        for seed in seeds if diep_rows else seeds[:1] if wanted("diep_evo", "diep_merge_cal") else []:
             module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
             diep_modules[seed] = (module.expert_scores(), datamodule)
             for sparsity in sparsities:
                 if wanted("diep"):
                     model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
                     record("diep", sparsity, seed, model, plan, sizes)
+                if wanted("diep_cal"):
+                    model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global", datamodule,
+                                                  calibrate=True)
+                    record("diep_cal", sparsity, seed, model, plan, sizes)
                 if seed == seeds[0] and wanted("diep_uniform"):  # the uniform ablation: one seed
                     model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
                     record("diep_uniform", sparsity, seed, model, plan, sizes)
@@ -306,6 +336,9 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
             if wanted("diep_merge"):
                 model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, merge=True)
                 record("diep_merge", sparsity, seeds[0], model, plan, sizes)
+            if wanted("diep_merge_cal"):
+                model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, merge=True, calibrate=True)
+                record("diep_merge_cal", sparsity, seeds[0], model, plan, sizes)
             if wanted("diep_skip"):
                 model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, skip=True)
                 record("diep_skip", sparsity, seeds[0], model, plan, sizes)
@@ -335,17 +368,23 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
                 model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
                 record(method, sparsity, None, model, plan, sizes)
         # non-uniform peers: REAP normalised per layer and ranked globally (MoNE-style), the EvoESAP-style search
-        if wanted("reap_global_norm"):
-            module, _ = search(model_dir, "reap", args, normalize="layer")
+        if wanted("reap_global_norm", "reap_global_norm_cal"):
+            module, dm = search(model_dir, "reap", args, normalize="layer")
             for sparsity in sparsities:
-                model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
-                record("reap_global_norm", sparsity, None, model, plan, sizes)
-        for sparsity in sparsities if wanted("evo") else []:
-            module, _ = search(model_dir, "evo", args, evo_sparsity=sparsity, evo_population=args.evo_population,
-                               evo_generations=args.evo_generations, reference_tokens=args.reference_tokens)
+                for row, calibrate in (("reap_global_norm", False), ("reap_global_norm_cal", True)):
+                    if wanted(row):
+                        model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global", dm,
+                                                      calibrate=calibrate)
+                        record(row, sparsity, None, model, plan, sizes)
+        for sparsity in sparsities if wanted("evo", "evo_cal") else []:
+            module, dm = search(model_dir, "evo", args, evo_sparsity=sparsity, evo_population=args.evo_population,
+                                evo_generations=args.evo_generations, reference_tokens=args.reference_tokens)
             module.check_pruning(sparsity, "global")
-            model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global")
-            record("evo", sparsity, None, model, plan, sizes)
+            for row, calibrate in (("evo", False), ("evo_cal", True)):
+                if wanted(row):
+                    model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global", dm,
+                                                  calibrate=calibrate)
+                    record(row, sparsity, None, model, plan, sizes)
         # references for the best achievable allocation (refused politely on models too large for them); the
         # lazy greedy search runs everywhere, and where the exact one runs too the two orders are compared
         orders = {}
@@ -353,10 +392,10 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
                                ("greedy", {"greedy_until": max(sparsities), **reference_kwargs(args)}),
                                ("greedy_lazy", {"greedy_until": max(sparsities), "greedy_lazy": True,
                                                 **reference_kwargs(args)})):
-            if not wanted(method):
+            if not wanted(method, f"{method}_cal"):
                 continue
             try:
-                module, _ = search(model_dir, method.removesuffix("_lazy"), args, **kwargs)
+                module, dm = search(model_dir, method.removesuffix("_lazy"), args, **kwargs)
                 module.check_pruning(max(sparsities), "global")
                 ref_scores = module.expert_scores()
             except ValueError as err:
@@ -366,8 +405,11 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
             result.setdefault("reference_evaluations", {})[method] = module.scorer.evaluator.evaluations
             orders[method] = getattr(module.scorer, "order", None)
             for sparsity in sparsities:
-                model, plan, sizes, _ = prune(model_dir, ref_scores, sparsity, "global")
-                record(method, sparsity, None, model, plan, sizes)
+                for row, calibrate in ((method, False), (f"{method}_cal", True)):
+                    if wanted(row):
+                        model, plan, sizes, _ = prune(model_dir, ref_scores, sparsity, "global", dm,
+                                                      calibrate=calibrate)
+                        record(row, sparsity, None, model, plan, sizes)
         if orders.get("greedy") and orders.get("greedy_lazy"):
             same = next((i for i, (a, b) in enumerate(zip(orders["greedy"], orders["greedy_lazy"])) if a != b), None)
             result["greedy_lazy_same_order"] = {"removals": len(orders["greedy"]),
@@ -451,10 +493,11 @@ def _summary(entries: list[dict], task: str) -> tuple[float, float] | None:
 
 #: every quality row, in the order a run measures them (``--methods`` picks a subset)
 QUALITY_ROWS = ("diep", "diep_uniform", "diep_merge", "diep_skip", "diep_evo", "random", "frequency", "reap",
-                "reap_global_norm", "evo", "ablation", "greedy", "greedy_lazy", "naee")
+                "reap_global_norm", "evo", "ablation", "greedy", "greedy_lazy", "naee",
+                *CALIBRATED_ROWS)
 #: the search-cost table's rows: the floor, every method that chooses experts, and the references
 COST_ROWS = ("floor", "diep", "frequency", "reap", "reap_global_norm", "naee", "evo", "diep_evo", "ablation", "greedy",
-             "greedy_lazy")
+             "greedy_lazy", "diep_cal")
 ALLOCATORS = ("diep", "diep_evo", "evo", "reap_global_norm", "ablation", "greedy", "greedy_lazy")
 BASELINES = ("random", "frequency", "reap", "naee", "reap_global_norm", "evo")
 #: what DiEP is compared with, document by document: its own uniform ablation, the peers, the references
@@ -714,10 +757,14 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
                              f"{row['batch_16']:.1f} | {row['batch_16'] / base['batch_16']:.3f} | {row['expert_bytes']:,} |")
         lines.append("")
     lines += comparison_section(results)
+    lines += recovery_section(results)
     lines += targets_section(results)
     lines += ["What was tried to make DiEP stronger, with what it gave: [TUNING.md](TUNING.md).", ""]
     previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else ""
-    # the sections of benchmarks.serving (another venv), .speed and .search_cost are kept as they were
+    # the summary stays on top; the sections of benchmarks.serving (another venv), .speed and .search_cost are kept
+    today = today_section(previous)
+    if today:
+        lines[1:1] = ["", today]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n" + kept_sections(previous))
 
 

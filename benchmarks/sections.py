@@ -35,7 +35,17 @@ def publish(results_md: str | Path | None, name: str, body: str) -> None:
     print(body)
 
 
-def kept_sections(text: str) -> str:
-    """Every marked section of an earlier RESULTS.md, in order, to append to a rewritten report."""
-    found = [m.group(0) for m in _SECTION.finditer(text)]
+#: the hand-kept summary at the top of RESULTS.md ("what holds today"): a rewrite keeps it at the top
+TODAY = "today"
+
+
+def kept_sections(text: str, skip: tuple[str, ...] = (TODAY,)) -> str:
+    """Every marked section of an earlier RESULTS.md but ``skip``, in order, to append to a rewritten report."""
+    found = [m.group(0) for m in _SECTION.finditer(text) if m.group(1) not in skip]
     return "".join(f"\n{s}\n" for s in found)
+
+
+def today_section(text: str) -> str:
+    """The earlier RESULTS.md's summary section (markers included), or nothing."""
+    begin, end = markers(TODAY)
+    return text[text.index(begin): text.index(end) + len(end)] + "\n" if begin in text and end in text else ""

@@ -6,7 +6,9 @@ Each is usable from YAML (``trainer.callbacks``) or the command line (``--traine
 from diep_lightning.callbacks.lm_eval import LmEvalValidation
 from diep_lightning.callbacks.merging import ExpertMerging
 from diep_lightning.callbacks.pruning import GlobalExpertPruning
+from diep_lightning.callbacks.router import RouterCalibration
 from diep_lightning.callbacks.skipping import SkipCalibration
 from diep_lightning.callbacks.step import PruningStep
 
-__all__ = ["ExpertMerging", "GlobalExpertPruning", "LmEvalValidation", "PruningStep", "SkipCalibration"]
+__all__ = ["ExpertMerging", "GlobalExpertPruning", "LmEvalValidation", "PruningStep", "RouterCalibration",
+           "SkipCalibration"]

@@ -13,12 +13,14 @@ from diep_lightning.evaluation import evaluate, validate_tasks
 from diep_lightning.outputs import read_json, save_json, writable_file
 
 _SUMMARY_KEYS = {"tasks", "limit", "baseline", "pruned", "ratio"}
+#: the marker every summary carries: ``output`` replaces only a file that has it, never one shaped like it
+_MARKER = {"_written_by": "diep_lightning.callbacks.LmEvalValidation"}
 
 
 def _earlier_summary(path: Path) -> bool:
     """Whether ``path`` holds the summary an earlier run of this callback wrote."""
     data = read_json(path)
-    return isinstance(data, dict) and set(data) == _SUMMARY_KEYS
+    return isinstance(data, dict) and all(data.get(k) == v for k, v in _MARKER.items())
 
 
 class LmEvalValidation(PruningStep):
@@ -104,7 +106,7 @@ class LmEvalValidation(PruningStep):
         results = self._evaluate(model, pl_module.load_tokenizer())
         self.results["pruned"] = results
         self._log(trainer, "pruned", results)
-        summary = {"tasks": self.tasks, "limit": self.limit,
+        summary = {**_MARKER, "tasks": self.tasks, "limit": self.limit,
                    "baseline": self.headline(self.results.get("baseline", {})),
                    "pruned": self.headline(results)}
         summary["ratio"] = {k: v / summary["baseline"][k] for k, v in summary["pruned"].items()

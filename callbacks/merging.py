@@ -27,6 +27,8 @@ class ExpertMerging(PruningStep):
         num_batches: calibration batches taken from the datamodule's train loader.
     """
 
+    order = 10
+
     def __init__(self, temperature: float = 1.0, max_tokens: int = 4096, num_batches: int = 4) -> None:
         super().__init__()
         settings = merge_config(temperature, max_tokens)

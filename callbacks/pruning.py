@@ -2,7 +2,7 @@
 
 The callback is the orchestrator of the post-search pipeline (the work itself is the library's
 :mod:`diep_lightning.pipeline`). Callbacks that take part subclass :class:`~diep_lightning.callbacks.step.PruningStep`
-and override its typed methods, which this callback calls in ``trainer.callbacks`` order.
+and override its typed methods, which this callback calls by their ``order`` (then ``trainer.callbacks`` order).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from diep_lightning.export import export_pruned
 from diep_lightning.removal import apply_plan, size_report
-from diep_lightning.export_dir import check_export_dir, protected_paths
+from diep_lightning.export_dir import ExportLock, check_export_dir, check_free_space, protected_paths
 from diep_lightning.frozen_moe import FrozenMoEModule
 from diep_lightning.pipeline import select
 from diep_lightning.callbacks.step import pruning_steps
@@ -32,8 +32,9 @@ class GlobalExpertPruning(Callback):
             (the same number from every layer; the export then loads with stock ``from_pretrained``).
         export_dir: where the export goes; default ``<log dir>/pruned``. Checked before the model loads: it may
             not be, contain or lie inside the source model or the shipped ``models/``.
-        overwrite: replace an existing ``export_dir`` that is itself a previous export (has ``pruning.json``);
-            anything else that exists is an error.
+        overwrite: replace an existing ``export_dir`` that is itself a previous export and holds nothing an export
+            did not write (its manifest lists the files); anything else that exists is an error. One run at a time
+            may export to a folder: the second is refused before its search.
         export: write the export (False: prune in memory only, e.g. for a benchmark that evaluates directly).
         method: name recorded in the model card and ``pruning.json`` (default: the module's ``method_name``).
     """
@@ -54,6 +55,7 @@ class GlobalExpertPruning(Callback):
         self.export_path: Path | None = None
         self.pruned_model: Any = None
         self.sizes: dict[str, dict[str, int]] = {}
+        self.lock: ExportLock | None = None
 
     # ------------------------------------------------------------------ checks before the search
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -73,7 +75,22 @@ class GlobalExpertPruning(Callback):
             if n is not None and k is not None:
                 check_budget(self.sparsity, [n], [k], self.mode, all_layers=False)
         if self.export:
-            check_export_dir(self._target(trainer), self.overwrite, protected_paths(getattr(pl_module, "model_path", None)))
+            target = check_export_dir(self._target(trainer), self.overwrite,
+                                      protected_paths(getattr(pl_module, "model_path", None)))
+            weights = weight_bytes(getattr(pl_module, "model_path", None))
+            if weights:  # the export keeps at least the non-removed share of the weights
+                check_free_space(target, int(weights * (1 - self.sparsity)))
+            if trainer.is_global_zero and self.lock is None:
+                self.lock = ExportLock(target).acquire()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give the export folder back to other runs, whether this one exported or failed."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the budget the final selection will check, now that every layer's size is known
@@ -115,7 +132,7 @@ class GlobalExpertPruning(Callback):
             method = self.method or pl_module.method_name
             path, figures = export_pruned(model, plan, self._target(trainer), source=pl_module.model_path,
                                           original=original, tokenizer=pl_module.load_tokenizer(),
-                                          overwrite=self.overwrite, method=method)
+                                          overwrite=self.overwrite, method=method, keep_on_conflict=True)
             self.export_path = path
             self._log_figures(trainer, figures)
             print(f"[diep_lightning] pruned {plan.num_removed} experts ({plan.mode}, sparsity {plan.sparsity}); "
@@ -157,3 +174,11 @@ def check_finite_scores(scores: list[Any]) -> None:
                 raise FloatingPointError(f"scores: MoE layer {layer} expert {expert} has a non-finite score ({value}); "
                                          "its weights or the calibration data produce NaN/inf; nothing was pruned "
                                          "or exported")
+
+
+def weight_bytes(model_path: Any) -> int:
+    """Bytes of a local model's weight files (0 when it is not a local folder)."""
+    folder = Path(model_path) if model_path is not None else None
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) or sum(p.stat().st_size for p in folder.glob("*.bin"))

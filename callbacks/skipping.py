@@ -30,6 +30,8 @@ class SkipCalibration(PruningStep):
             strength that reaches it is found and recorded).
     """
 
+    order = 30
+
     def __init__(self, renormalize: bool = False, max_tokens: int = 4096, num_batches: int = 4,
                  strength: float = 1.0, share: float | None = None) -> None:
         super().__init__()

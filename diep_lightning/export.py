@@ -28,7 +28,8 @@ from diep_lightning.serving.plan import PER_LAYER_FIELD
 
 def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.PathLike, *, source: str,
                   original: dict[str, int], tokenizer: Any = None, overwrite: bool = False,
-                  method: str = "DiEP", extra_files: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
+                  method: str = "DiEP", extra_files: dict[str, str] | None = None,
+                  keep_on_conflict: bool = False) -> tuple[Path, dict[str, Any]]:
     """Write an already-pruned model and its plan to ``export_dir`` (atomically).
 
     Args:
@@ -41,6 +42,8 @@ def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.Path
         overwrite: replace an existing ``export_dir``.
         method: name recorded in the model card and ``pruning.json``.
         extra_files: more text files to write (name -> content).
+        keep_on_conflict: write even when ``export_dir`` exists and may not be replaced, and keep the export beside
+            it as ``<export_dir>.conflict-*`` (a run that searched before exporting loses nothing).
 
     Returns:
         The export path and the figures (for loggers).
@@ -50,7 +53,7 @@ def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.Path
     uniform = is_uniform(spec)
     counts = [s["num_experts"] for s in spec if s]
     after = size_report(model, family)
-    with atomic_directory(export_dir, overwrite, protected_paths(source)) as tmp:
+    with atomic_directory(export_dir, overwrite, protected_paths(source), keep_on_conflict) as tmp:
         config = model.config
         saved_attrs = {k: getattr(config, k, None) for k in ("auto_map", "diep_layers", "architectures")}
         base_cls = type(model)

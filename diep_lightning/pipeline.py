@@ -1,8 +1,8 @@
-"""Pruning without a Trainer: the one implementation of select -> merge -> remove -> skip that the callbacks,
-the benchmark and a notebook all call.
+"""Pruning without a Trainer: the one implementation of select -> merge -> remove -> calibrate the routers ->
+skip that the callbacks, the benchmark and a notebook all call.
 
     scores = module.expert_scores()                       # DiEP's alpha * beta, or any method's scores
-    pruned = diep_lightning.prune(model, scores, 0.5, "global", batches=calibration, skip=True)
+    pruned = diep_lightning.prune(model, scores, 0.5, "global", batches=calibration, calibrate_router=True)
     diep_lightning.export(pruned.model, pruned.plan, "out/", source="models/tiny-mixtral", original=pruned.before)
 """
 
@@ -19,6 +19,7 @@ from diep_lightning.removal import apply_plan, size_report
 from diep_lightning.families import get_family
 from diep_lightning.merging import GroupFn, plan_merges
 from diep_lightning.pruning import PruningPlan, select_experts
+from diep_lightning.router_calibration import calibrate_routers, capture_teacher, settings_from
 from diep_lightning.skipping import Skipping, calibrate_skipping
 
 
@@ -39,29 +40,47 @@ class Pruned:
     before: dict[str, int]
     after: dict[str, int]
     skipping: Skipping | None = None
+    router_calibration: dict[str, Any] | None = None
 
 
 def prune(model: nn.Module, scores: Sequence[torch.Tensor] | None, sparsity: float | None = None,
           mode: str = "global", *, plan: PruningPlan | None = None, batches: Sequence[dict[str, Any]] = (),
           merge_temperature: float | None = None, merge_max_tokens: int = 4096, merge_groups: GroupFn | None = None,
           skip: bool = False, skip_max_tokens: int = 4096, skip_renormalize: bool = False,
-          skip_strength: float = 1.0) -> Pruned:
+          skip_strength: float = 1.0, calibrate_router: Any = None, router_batches: Sequence[dict[str, Any]] = ()
+          ) -> Pruned:
     """Prune ``model`` in place: select (or take ``plan``), merge pruned experts into survivors when
-    ``merge_temperature`` is given, remove them, and calibrate skipping on the survivors when ``skip``.
+    ``merge_temperature`` is given, remove them, train the surviving routers towards the original model's
+    next-token distribution when ``calibrate_router`` is given (True, a dict of
+    :class:`~diep_lightning.router_calibration.RouterCalibrationSettings` fields, or the settings), and calibrate
+    skipping on the result when ``skip``.
 
-    Merging and skipping need calibration ``batches`` (dicts with ``input_ids``/``attention_mask``)."""
+    Merging, router calibration and skipping need calibration ``batches`` (dicts with ``input_ids``/
+    ``attention_mask``); router calibration uses ``router_batches`` instead when given (it wants more text)."""
+    settings = settings_from(calibrate_router)
+    if settings is not None:
+        settings.check_family(get_family(model))
     if plan is None:
         plan = select(model, scores, sparsity, mode)
     if (merge_temperature is not None or skip) and not batches:
         raise ValueError("batches: merging and skipping calibrate on data; pass a few calibration batches")
+    if settings is not None and not (router_batches or batches):
+        raise ValueError("batches: router calibration distils on calibration text; pass calibration batches")
+    if settings is not None and plan.num_removed == 0 and merge_temperature is None:
+        raise ValueError("calibrate_router: nothing is pruned, so the routers have nothing to recover from; raise "
+                         "sparsity or drop calibrate_router")
     if skip and not (isinstance(skip_strength, (int, float)) and skip_strength > 0):
         raise ValueError(f"skip_strength: must be a number > 0, got {skip_strength!r}")
     before = size_report(model)
     if merge_temperature is not None:
         plan_merges(model, plan, batches, merge_temperature, merge_max_tokens, merge_groups)
+    teacher = capture_teacher(model, router_batches or batches, settings) if settings is not None else None
     apply_plan(model, plan)
+    if teacher is not None:
+        plan.router_calibration = calibrate_routers(model, teacher, settings).to_dict()
     skipping = None
     if skip:
         skipping = calibrate_skipping(model, batches, skip_max_tokens, skip_renormalize, skip_strength)
         plan.skipping = skipping.record()
-    return Pruned(model=model, plan=plan, before=before, after=size_report(model), skipping=skipping)
+    return Pruned(model=model, plan=plan, before=before, after=size_report(model), skipping=skipping,
+                  router_calibration=plan.router_calibration)

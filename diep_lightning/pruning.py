@@ -99,6 +99,7 @@ class PruningPlan:
         mode: "global" or "uniform".
         merges: per block, ``{survivor: {"members": [...], "weights": [...]}}`` if pruned experts were merged.
         skipping: the calibrated skipping installed after removal, if any.
+        router_calibration: what router calibration trained and measured (held-out KL before/after), if it ran.
     """
 
     removed: list[list[int]]
@@ -108,6 +109,7 @@ class PruningPlan:
     mode: str
     merges: list[dict[int, dict[str, list[float]]]] = field(default_factory=list)
     skipping: SkipRecord | None = None
+    router_calibration: dict[str, Any] | None = None
 
     @property
     def num_removed(self) -> int:
@@ -116,13 +118,15 @@ class PruningPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"removed": self.removed, "kept": self.kept, "scores": self.scores, "sparsity": self.sparsity,
                 "mode": self.mode, "merges": [{str(k): v for k, v in m.items()} for m in self.merges],
-                "skipping": self.skipping.to_dict() if self.skipping is not None else None}
+                "skipping": self.skipping.to_dict() if self.skipping is not None else None,
+                "router_calibration": self.router_calibration}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
         merges = [{int(k): v for k, v in m.items()} for m in data.get("merges", [])]
         return cls(removed=data["removed"], kept=data["kept"], scores=data["scores"], sparsity=data["sparsity"],
-                   mode=data["mode"], merges=merges, skipping=recorded_skipping(data))
+                   mode=data["mode"], merges=merges, skipping=recorded_skipping(data),
+                   router_calibration=data.get("router_calibration"))
 
 
 def recorded_skipping(plan: dict[str, Any]) -> SkipRecord | None:

@@ -70,6 +70,10 @@ def model_card(source: str, plan: PruningPlan, counts: list[int], before: dict[s
     load = ("AutoModelForCausalLM.from_pretrained(path)" if uniform
             else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
     pct = lambda a, b: f"{100.0 * (1 - a / b):.1f}%" if b else "n/a"  # noqa: E731
+    cal = plan.router_calibration
+    router = (f"yes ({', '.join(cal['settings']['groups'])}; {cal['parameters']:,} parameters, {cal['steps_run']} "
+              f"steps; held-out KL to the source model {cal['heldout_kl_before']:.4f} -> {cal['heldout_kl_after']:.4f})"
+              if cal else "no")
     return f"""---
 library_name: transformers
 tags: [mixture-of-experts, pruning, diep]
@@ -80,6 +84,7 @@ tags: [mixture-of-experts, pruning, diep]
 - Method: {method}, mode `{plan.mode}`, expert sparsity {plan.sparsity:.3f}
 - Experts removed: {plan.num_removed} of {sum(len(s) for s in plan.scores)}
 - Merged: {"yes" if any(plan.merges) else "no"}; adaptive skipping calibrated: {"yes" if plan.skipping is not None else "no"}
+- Routers calibrated by distillation from the source model: {router}
 
 | | parameters | bytes |
 |---|---|---|

@@ -69,7 +69,7 @@ def _fmt(value: float) -> str:
 
 def run_summary(trainer: Any, seconds: float) -> str:
     """The closing lines of a ``fit``: read from the callbacks' public state, so it never re-computes anything."""
-    from diep_lightning.callbacks import GlobalExpertPruning, LmEvalValidation, SkipCalibration
+    from diep_lightning.callbacks import GlobalExpertPruning, LmEvalValidation, RouterCalibration, SkipCalibration
 
     lines = [f"[diep_lightning] finished in {seconds / 60:.1f} min"]
     pruning = next((c for c in trainer.callbacks if isinstance(c, GlobalExpertPruning)), None)
@@ -82,6 +82,11 @@ def run_summary(trainer: Any, seconds: float) -> str:
         if pruning.sizes:
             before, after = pruning.sizes["before"]["expert_bytes"], pruning.sizes["after"]["expert_bytes"]
             lines.append(f"  experts    {before:,} -> {after:,} bytes ({100 * (1 - after / max(before, 1)):.1f}% smaller)")
+    router = next((c for c in trainer.callbacks if isinstance(c, RouterCalibration)), None)
+    if router is not None and router.record:
+        r = router.record
+        lines.append(f"  routers    calibrated ({r['parameters']:,} parameters, {r['steps_run']} steps); held-out KL to "
+                     f"the original model {r['heldout_kl_before']:.4f} -> {r['heldout_kl_after']:.4f}")
     skipping = next((c for c in trainer.callbacks if isinstance(c, SkipCalibration)), None)
     if skipping is not None and skipping.skipped_fraction:
         share = sum(skipping.skipped_fraction.values()) / len(skipping.skipped_fraction)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,12 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert "| diep | 0.5 |" in report and "Search cost" in report
     assert "| diep_evo | " in report.split("Search cost")[1] and "| greedy_lazy | " in report.split("Search cost")[1]
     assert "kit_blimp_stderr" in res["full"] and " (se " in report  # every quality figure carries its uncertainty
+    # router calibration after DiEP, merging and the strongest rivals, each beside the same pruning without it
+    assert set(bench.CALIBRATED_ROWS) <= set(res["quality"])
+    recorded = res["quality"]["diep_cal"]["0.5"][0]["router_calibration"]
+    assert recorded["heldout_kl_after"] <= recorded["heldout_kl_before"] and recorded["steps_run"] >= 1
+    assert "## Router calibration: what it gives back" in report and "| evo | " in report.split("gives back")[1]
+    assert "the calibration stage takes" in report
     # each document's figure is kept, so DiEP is compared with every method on the same documents
     pairs = res["full"]["per_document"]["kit_blimp"]
     assert len(pairs) > 34 and abs(sum(pairs) / len(pairs) - res["full"]["kit_blimp"]) < 1e-9
@@ -54,6 +61,13 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert f"Measured by: `python -m benchmarks.run --seeds 1` on {res['machine']}." in merged_report
     assert f"Measured by: `{results['command']}` on " in merged_report and "CPU cores" in res["machine"]
     assert list(out.glob("quality_vs_sparsity_*.png"))
+    # the hand-kept summary at the top of RESULTS.md survives a rewrite, once and on top
+    summary = "<!-- today:begin -->\n## What holds today\n\n- a line\n<!-- today:end -->"
+    (tmp_path / "merged" / "RESULTS.md").write_text(merged_report.replace("\n", "\n\n" + summary + "\n", 1))
+    bench.main(["--combine", f"{out},{tmp_path / 'other'}", "--out", str(tmp_path / "merged")])
+    again = (tmp_path / "merged" / "RESULTS.md").read_text()
+    assert again.count("<!-- today:begin -->") == 1 and "- a line" in again
+    assert again.index("<!-- today:begin -->") < again.index("## copy")
 
     # a later folder's section replaces an earlier one's, and the replaced run leaves the merged command
     newer = {**other, "command": "python -m benchmarks.run --seeds 2"}
@@ -396,7 +410,8 @@ def test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu(tmp_pat
 
     script = REPO / "tools" / "gpu_checks.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "",
+                                                                         "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 1 and "torch sees no GPU" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "steps.log").exists()

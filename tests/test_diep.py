@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -247,3 +248,32 @@ def test_sample_ids_stay_on_the_host_and_a_step_reads_them_once(tiny_mixtral_dir
         counts[batch_size] = max(counter.reads)  # an alpha step (Adam reads its step counter, a host tensor)
     assert counts[2] == counts[8], counts
     assert not [m for m in seen if "transfer_batch_to_device" in m]  # the hook is ours to use: no warning about it
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_router_calibration_in_two_processes_equals_one_process(strategy, tiny_mixtral_dir, tmp_path):
+    """Rank 0 calibrates the full model after a sharded or replicated search: the export equals one process's."""
+    def prune_args(export):
+        return ["--trainer.callbacks+=GlobalExpertPruning", "--trainer.callbacks.sparsity=0.25",
+                f"--trainer.callbacks.export_dir={export}", "--trainer.callbacks+=RouterCalibration",
+                "--trainer.callbacks.steps=12", "--trainer.callbacks.eval_every=4", "--trainer.callbacks.batch_size=2"]
+
+    main(fit_args(tiny_mixtral_dir, str(tmp_path / "single"), "--data.shuffle=false", *prune_args(tmp_path / "one"),
+                  epochs=1))
+    flags = FSDP2 if strategy == "fsdp2" else ["--trainer.strategy=ddp"]
+    args = fit_args(tiny_mixtral_dir, str(tmp_path / "two_runs"), "--data.shuffle=false", epochs=1)
+    args = [a for a in args if not a.startswith(("--trainer.devices", "--data.batch_size"))]
+    args += ["--trainer.devices=2", "--data.batch_size=2", *flags, *prune_args(tmp_path / "two")]
+    result = subprocess.run([sys.executable, "-m", "diep_lightning", *args], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "pruning.json").read_text()) for d in ("one", "two"))
+    assert [layer["kept"] for layer in one["layers"]] == [layer["kept"] for layer in two["layers"]]
+    a, b = one["plan"]["router_calibration"], two["plan"]["router_calibration"]
+    assert a["steps_run"] == b["steps_run"] and a["parameter_names"] == b["parameter_names"]
+    assert abs(a["heldout_kl_after"] - b["heldout_kl_after"]) <= 1e-4 * max(1.0, a["heldout_kl_after"])
+    from diep_lightning import load_pruned
+
+    w1, w2 = (dict(load_pruned(str(tmp_path / d)).named_parameters()) for d in ("one", "two"))
+    for name in a["parameter_names"]:
+        torch.testing.assert_close(w1[name], w2[name], atol=1e-4, rtol=1e-3)

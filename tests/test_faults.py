@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +75,31 @@ def test_different_data_seed_changes_scores(tiny_mixtral_dir, tmp_path):
     a = json.loads((tmp_path / "export_a" / "pruning.json").read_text())["plan"]["scores"]
     b = json.loads((tmp_path / "export_b" / "pruning.json").read_text())["plan"]["scores"]
     assert a != b
+
+
+def test_the_resume_fingerprint_sees_one_expert_scaled_in_the_middle_of_the_file(tmp_path):
+    """A checkpoint resumed against a model whose weights changed mid-file is refused: the fingerprint samples
+    blocks through every weight file, not only its ends."""
+    import json as _json
+    import shutil
+
+    import numpy as np
+
+    from diep_lightning.loading import fingerprint
+
+    repo = Path(__file__).resolve().parents[1]
+    model = tmp_path / "model"
+    shutil.copytree(repo / "models" / "tiny-mixtral", model)
+    before = fingerprint(str(model))
+    weights = model / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    header = _json.loads(raw[8:8 + size])
+    experts = [(v["data_offsets"], k) for k, v in header.items() if k != "__metadata__" and ".experts." in k]
+    (start, end), name = min(experts, key=lambda item: abs(item[0][0] - len(raw) // 2))
+    assert 1 << 20 < 8 + size + start < len(raw) - (1 << 20), "the tensor lies in the middle of the file"
+    values = np.frombuffer(bytes(raw[8 + size + start:8 + size + end]), dtype=np.float32).copy()
+    values *= 1.5  # one matrix of one expert
+    raw[8 + size + start:8 + size + end] = values.tobytes()
+    weights.write_bytes(bytes(raw))
+    assert fingerprint(str(model)) != before, name

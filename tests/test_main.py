@@ -140,3 +140,8 @@ def test_each_small_yaml_runs_the_real_cli_end_to_end(conf, tmp_path, monkeypatc
     listed = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"].get("callbacks") or []]
     assert any(layer["merges"] for layer in record["layers"]) == ("ExpertMerging" in listed)
     assert (record["plan"]["skipping"] is not None) == ("SkipCalibration" in listed)
+    calibrated = record["plan"].get("router_calibration")
+    assert (calibrated is not None) == ("RouterCalibration" in listed)
+    if calibrated:
+        assert calibrated["heldout_kl_after"] <= calibrated["heldout_kl_before"]
+        assert "Routers calibrated by distillation from the source model: yes" in (export / "README.md").read_text()

@@ -108,6 +108,14 @@ def test_the_evaluation_command_refuses_a_users_output_file_and_render_folder(tm
     assert evaluation_main(["--model", "models/tiny-mixtral", "--output", str(users)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--output" in err and users.read_text() == USERS
+    metrics = tmp_path / "metrics.json"  # keys that look like metrics do not make a user's JSON ours
+    metrics.write_text(json.dumps({"train/loss": 1.0, "val/acc": 0.5}))
+    assert evaluation_main(["--model", "models/tiny-mixtral", "--output", str(metrics), "--list"]) == 2
+    assert "--output" in capsys.readouterr().err and json.loads(metrics.read_text()) == {"train/loss": 1.0, "val/acc": 0.5}
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"_written_by": "python -m diep_lightning.evaluation", "kit_copa/acc": 0.5}))
+    assert evaluation_main(["--output", str(ours), "--list"]) == 0  # an earlier run's results pass the check
+    capsys.readouterr()
     assert evaluation_main(["--render", str(users)]) == 2
     assert "--render" in capsys.readouterr().err
 
@@ -161,8 +169,13 @@ def test_lm_eval_validation_replaces_only_its_own_summary(tmp_path):
     users.write_text(json.dumps({"mine": 1}))
     with pytest.raises(Refusal, match=r"^output: .* is not the summary of an earlier LmEvalValidation"):
         LmEvalValidation(tasks=["kit_copa"], output=str(users))
+    shaped = tmp_path / "shaped.json"  # a user's file with a summary's keys is still the user's
+    shaped.write_text(json.dumps({"tasks": ["kit_copa"], "limit": 2, "baseline": {}, "pruned": {}, "ratio": {}}))
+    with pytest.raises(Refusal, match="^output: "):
+        LmEvalValidation(tasks=["kit_copa"], output=str(shaped))
     earlier = tmp_path / "lm_eval.json"
-    earlier.write_text(json.dumps({"tasks": ["kit_copa"], "limit": 2, "baseline": {}, "pruned": {}, "ratio": {}}))
+    earlier.write_text(json.dumps({"_written_by": "diep_lightning.callbacks.LmEvalValidation", "tasks": ["kit_copa"],
+                                   "limit": 2, "baseline": {}, "pruned": {}, "ratio": {}}))
     assert LmEvalValidation(tasks=["kit_copa"], output=str(earlier)).output == str(earlier)
     assert LmEvalValidation(tasks=["kit_copa"], output=str(tmp_path / "new" / "lm_eval.json")).output
 

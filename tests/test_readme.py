@@ -16,6 +16,8 @@ from diep_lightning.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
+#: the README and every page of docs/: a command documented anywhere is run by a test
+DOCUMENTS = [README, *((p.read_text()) for p in sorted((REPO / "docs").glob("*.md")))]
 
 #: Commands run by another test, with the test that runs them.
 COVERED_ELSEWHERE = {
@@ -29,6 +31,8 @@ COVERED_ELSEWHERE = {
     "python -m pytest": ".ci/run",
     "bash tools/gpu_checks.sh": "tests/test_benchmark_smoke.py::test_the_gpu_check_script_parses_and_refuses_a_machine_without_a_gpu",
     "vllm serve": "tests/test_vllm.py::test_every_served_family_serves_a_global_export_with_transformers_tokens",  # vllm.LLM, in the vLLM venv
+    "/opt/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server":
+        "tests/test_vllm.py::test_the_openai_server_serves_an_export_with_transformers_tokens",
 }
 
 #: Appended right after `--config X` of a tiny config: one short epoch and a quick lm-eval (before the README's
@@ -38,14 +42,15 @@ FAST = ["--trainer.max_epochs=1", "--data.num_samples=8", "--data.seq_len=64", "
 FAST_EVAL = ["--trainer.callbacks.limit=2", "--trainer.callbacks.tasks=[kit_blimp_causative,kit_wikitext2]"]
 
 
-def fenced(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+def fenced(language: str, documents: list[str] | None = None) -> list[str]:
+    """The fenced blocks of ``language`` in the README (or in ``documents``)."""
+    return [block for text in (documents or [README]) for block in re.findall(rf"```{language}\n(.*?)```", text, re.S)]
 
 
 def readme_commands() -> list[str]:
-    """Each shell command of the README's ```bash blocks (continuations joined, comments dropped)."""
+    """Each shell command of the README's and docs' ```bash blocks (continuations joined, comments dropped)."""
     commands = []
-    for block in fenced("bash"):
+    for block in fenced("bash", DOCUMENTS):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             if line and not line.startswith("#"):

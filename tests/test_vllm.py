@@ -132,3 +132,48 @@ def test_the_serving_speed_benchmark_times_skipping_on_and_off_in_one_engine(tmp
     assert all(len(v) == 2 for v in full["times"]["on"].values()) and len(full["profiles"]) == 2  # both engines
     assert all(0 < p["on"]["decode_1"]["moe_s"] < p["on"]["decode_1"]["total_s"] for p in full["profiles"])
     assert "| mixtral | pruned_50 | 4 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_the_openai_server_serves_an_export_with_transformers_tokens(tmp_path):
+    """The README's CPU serving command as written (the vLLM venv's Python, ``-m vllm.entrypoints.openai.api_server``
+    on 127.0.0.1), one request through the ``openai`` client, the same greedy text as transformers."""
+    pytest.importorskip("vllm")
+    openai = pytest.importorskip("openai")
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from transformers import AutoTokenizer
+
+    model_dir = str(REPO / "models" / "tiny-mixtral")
+    path = str(_export(load_model(model_dir), model_dir, tmp_path / "global", "global"))
+    prompts = prompt_ids(TOKENIZER, 1)
+    reference = run_child(path, prompts, 12, "transformers")
+    assert "error" not in reference, reference
+    expected = AutoTokenizer.from_pretrained(path).decode(reference["tokens"][0])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+                               "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+                               "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        deadline = time.time() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.time() < deadline, "the server did not come up in 10 minutes"
+                time.sleep(2)
+        answer = client.completions.create(model=path, prompt=prompts[0], max_tokens=12, temperature=0.0,
+                                           extra_body={"min_tokens": 12, "ignore_eos": True})
+        assert answer.choices[0].text == expected
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()

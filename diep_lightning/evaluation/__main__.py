@@ -14,11 +14,16 @@ def _limit(s: str) -> int | float:
     return int(v) if v >= 1 and v.is_integer() else v
 
 
+#: the key every results JSON of this command carries: ``--output`` replaces only a file that has it
+WRITTEN_BY = "_written_by"
+COMMAND = "python -m diep_lightning.evaluation"
+
+
 def _earlier_results(path: Path) -> bool:
-    """Whether ``path`` holds the results JSON of an earlier evaluation (``{task: {..., "n"}, "task/metric": v}``)."""
+    """Whether ``path`` holds the results JSON of an earlier evaluation: it carries this command's marker (keys that
+    merely look like metrics, ``{"train/loss": ..}``, do not make a user's file ours)."""
     data = read_json(path)
-    return isinstance(data, dict) and bool(data) and all(
-        "/" in key or (isinstance(value, dict) and "n" in value) for key, value in data.items())
+    return isinstance(data, dict) and data.get(WRITTEN_BY) == COMMAND
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if "/" in key:
             print(f"{key:50s} {value if value is None else f'{value:.4f}'}")
     if a.output:
-        save_text(a.output, json.dumps(res, indent=2, sort_keys=True) + "\n")
+        save_text(a.output, json.dumps({**res, WRITTEN_BY: COMMAND}, indent=2, sort_keys=True) + "\n")
         print(f"wrote {a.output}")
     return 0
 

@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+
+from diep_lightning.families.hooks import HookGroup, _AddToLinear
 
 #: Logit given to experts masked out of routing: exp() of it underflows to exactly 0 in fp32/bf16, and it
 #: stays finite so that routers that do arithmetic on logits (PhiMoE's sparsemixer) produce no NaN.
@@ -61,51 +62,6 @@ class MoEBlock:
 ScaleProvider = Callable[[int], "torch.Tensor | None"]
 
 
-class HookGroup:
-    """Removable handles of hooks installed together, with an on/off switch the hooks read."""
-
-    def __init__(self) -> None:
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.enabled = True
-
-    def remove(self) -> None:
-        """Uninstall every hook of the group."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Temporarily switch the hooks off (the teacher pass of DiEP: same weights, no scaling)."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
-
-class _AddToLinear(TorchFunctionMode):
-    """Adds a fixed tensor to the output of ``F.linear`` calls made with one given weight.
-
-    Routers compute their logits with ``F.linear(hidden, router.weight[, bias])`` inside their forward; this
-    mode is how a logit mask is applied without re-implementing each family's routing rule.
-    """
-
-    def __init__(self, weight: torch.Tensor, addend: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = weight
-        self.addend = addend
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is torch.nn.functional.linear:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if weight is self.weight:
-                out = out + self.addend.to(out.dtype)
-        return out
-
-
 class MoEFamily:
     """Adapter for one transformers MoE family. Subclasses set the class attributes and override only what
     their family does differently.
@@ -128,6 +84,8 @@ class MoEFamily:
     max_top_k: ClassVar[int | None] = None
     #: the family's eager experts forward skips the sentinel expert id N (adaptive skipping relies on it)
     eager_skips_sentinel: ClassVar[bool] = True
+    #: parameter groups router calibration can train in this family (see :meth:`calibration_parameters`)
+    calibration_groups: ClassVar[tuple[str, ...]] = ("router", "norm", "attention_norm")
 
     # ------------------------------------------------------------------ discovery
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:
@@ -356,7 +314,30 @@ class MoEFamily:
                 merged = (stacked.float() * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(0)
                 tensor[survivor].copy_(merged.to(tensor.dtype))
 
-    # ------------------------------------------------------------------ skipping (inference)
+    # ------------------------------------------------------------------ router calibration
+    def calibration_parameters(self, model: nn.Module, block: MoEBlock, group: str) -> dict[str, nn.Parameter]:
+        """The parameters of one block that router calibration trains for ``group``; none changes a shape.
+
+        "router": the router's own parameters (weight rows and, where the family has one, the logit bias; a
+        selection-only bias such as DeepSeek-V3's ``e_score_correction_bias`` is a buffer that no gradient reaches,
+        so it stays as the search left it). "norm": the norm in front of the MoE block (its input scale);
+        "attention_norm": the norm in front of the same layer's attention.
+        """
+        if group not in self.calibration_groups:
+            raise ValueError(f"groups: {type(self).__name__} has no {group!r} parameters to calibrate; it has "
+                             f"{list(self.calibration_groups)}")
+        if group == "router":
+            return dict(block.router.named_parameters(recurse=False))
+        if group in ("norm", "attention_norm"):
+            layer = self.decoder_layers(model)[block.layer_idx]
+            norm = layer.post_attention_layernorm if group == "norm" else layer.input_layernorm
+            return dict(norm.named_parameters(recurse=False))
+        return self._calibration_parameters(block, group)
+
+    def _calibration_parameters(self, block: MoEBlock, group: str) -> dict[str, nn.Parameter]:
+        """Family-specific groups (e.g. a shared expert's gate)."""
+        raise ValueError(f"groups: {type(self).__name__} does not implement the {group!r} group")
+
     # ------------------------------------------------------------------ config for exports
     def expert_counts_to_config(self, config: Any, counts: Sequence[int]) -> None:
         """Record per-layer routed-expert counts in a config (used by exports)."""

@@ -15,5 +15,12 @@ class Qwen2MoeFamily(MoEFamily):
     ``mlp.shared_expert`` and ``mlp.shared_expert_gate``."""
 
     model_types = ("qwen2_moe",)
+    #: the shared expert's sigmoid gate is a router too (one row per block): calibration may train it
+    calibration_groups = ("router", "norm", "attention_norm", "shared_gate")
     num_experts_config_attr = "num_experts"
     has_shared_experts = True
+
+    def _calibration_parameters(self, block, group):  # noqa: ANN001, ANN202
+        if group == "shared_gate":
+            return dict(block.module.shared_expert_gate.named_parameters(recurse=False))
+        return super()._calibration_parameters(block, group)
