@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-#: rows that calibrate the routers after the named method's pruning (``<method>_cal``)
-CALIBRATED_ROWS = ("diep_cal", "diep_merge_cal", "evo_cal", "reap_global_norm_cal", "greedy_lazy_cal")
+from benchmarks.rows import CALIBRATED_ROWS
 #: gap recovered at 50% sparsity the issue asks of DiEP + calibration: fine-grained models / top-2 models
 RECOVERY_TARGET = {"fine": 0.5, "top2": 0.3}
 
@@ -44,7 +43,7 @@ def _cell(task: str, said: tuple[float, float, float, str] | None, lower: set[st
 
 
 def recovery_section(results: dict[str, Any]) -> list[str]:
-    from benchmarks import run
+    from benchmarks import report as run  # the report's statistics (imported here: it imports this module)
 
     rows = [(name, res) for name, res in results["models"].items()
             if any(row in res.get("quality", {}) for row in CALIBRATED_ROWS)]

@@ -47,6 +47,8 @@ class GlobalExpertPruning(Callback):
         if mode not in ("global", "uniform"):
             raise ValueError(f"mode: expected 'global' or 'uniform', got {mode!r}")
         self.mode = mode
+        if export_dir is not None and not str(export_dir).strip().strip("'\"").strip():
+            raise ValueError(f"export_dir: {export_dir!r} names no folder; give a path")
         self.export_dir = export_dir
         self.overwrite = bool(overwrite)
         self.export = bool(export)

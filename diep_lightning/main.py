@@ -165,6 +165,20 @@ def check_config_files(args: list[str]) -> None:
             raise ValueError(f"config: {path}{where} is not valid YAML ({problem})") from None
 
 
+def check_export_dir_flags(args: list[str]) -> None:
+    """``export_dir`` values that the YAML parser would silently turn into something else: ``~`` is YAML's null (the
+    default folder), and an empty or quoted-empty string would name a folder ``""``."""
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if not name.endswith(".export_dir") or not _:
+            continue
+        if value.strip() in ("~", "null", "None"):
+            raise ValueError(f"export_dir: {value!r} reads as YAML's null (the default folder); write the folder out, "
+                             "e.g. ~/pruned or an absolute path")
+        if value.strip().strip("'\"").strip() == "":
+            raise ValueError(f"export_dir: {value!r} names no folder; give a path")
+
+
 def main(args: list[str] | None = None) -> DiEPCLI:
     """Run the CLI (``args=None`` reads ``sys.argv``); bad input exits 2 with a one-line ``error:``; a finished
     ``fit`` ends with a short summary."""
@@ -176,6 +190,7 @@ def main(args: list[str] | None = None) -> DiEPCLI:
     start = time.perf_counter()
     try:
         check_config_files(sys.argv[1:] if args is None else args)
+        check_export_dir_flags(sys.argv[1:] if args is None else args)
         result = cli(args)
         if getattr(result, "subcommand", None) == "fit" and result.trainer.is_global_zero:
             print(run_summary(result.trainer, time.perf_counter() - start), flush=True)

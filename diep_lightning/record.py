@@ -70,6 +70,12 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
+def _short(ids: list, shown: int = 8) -> str:
+    """A list as an error line shows it: the first few ids and how many there are (a damaged record can hold
+    millions)."""
+    return str(ids) if len(ids) <= shown else f"[{', '.join(map(str, ids[:shown]))}, ... ({len(ids):,} ids)]"
+
+
 def validate_record(record: dict[str, Any], file: Path | str = PRUNING_FILE) -> None:
     """Check that every layer's kept/removed expert ids are distinct, in range and account for every expert, and
     that skipping thresholds fit the kept experts; one line naming the file and the layer otherwise."""
@@ -86,10 +92,11 @@ def validate_record(record: dict[str, Any], file: Path | str = PRUNING_FILE) -> 
             raise ValueError(f"path: {file} layer {i} has expert ids that are not integers; re-export")
         bad = sorted({e for e in ids if not 0 <= e < n})
         if bad:
-            raise ValueError(f"path: {file} layer {i} lists expert ids {bad} outside 0..{n - 1}; re-export")
+            raise ValueError(f"path: {file} layer {i} lists expert ids {_short(bad)} outside 0..{n - 1}; re-export")
         if len(set(ids)) != len(ids) or len(ids) != n or not kept:
-            raise ValueError(f"path: {file} layer {i}: kept {kept} and removed {removed} must each list distinct "
-                             f"ids that together cover the layer's {n} experts once, with at least one kept; re-export")
+            raise ValueError(f"path: {file} layer {i}: kept {_short(kept)} and removed {_short(removed)} must each "
+                             f"list distinct ids that together cover the layer's {n} experts once, with at least one "
+                             "kept; re-export")
     try:
         skipping = recorded_skipping(record.get("plan") or {})
     except ValueError as err:

@@ -185,6 +185,10 @@ CASES = [
     ("skipping_strength_zero", None, ["--trainer.callbacks+=SkipCalibration", "--trainer.callbacks.strength=0"],
      "strength: must be a number > 0"),
     ("merging_nothing_pruned", None, ["--trainer.callbacks+=ExpertMerging"], "ExpertMerging: nothing is pruned"),
+    ("export_dir_tilde_alone", None, ["--config=configs/tiny_mixtral.yaml", "--prune.export_dir=~"],
+     "export_dir: '~' reads as YAML's null"),
+    ("export_dir_quoted_empty", None, ["--config=configs/tiny_mixtral.yaml", '--prune.export_dir=""'],
+     "export_dir: '\"\"' names no folder"),
     ("router_calibration_nothing_pruned", None, ["--trainer.callbacks+=RouterCalibration"],
      "RouterCalibration: nothing is pruned"),
     ("router_calibration_zero_steps", None, ["--trainer.callbacks+=RouterCalibration", "--trainer.callbacks.steps=0"],
@@ -357,9 +361,13 @@ def test_a_killed_runs_partial_export_is_removed_by_the_next_run(tmp_path, capsy
 
 def test_overwrite_replaces_a_previous_export_and_files_are_world_readable(tmp_path):
     path = _export(tmp_path)
-    (path / "stale.txt").write_text("from the previous export")
+    (path / "notes.txt").write_text("the user's")  # a file no export wrote: overwrite refuses, naming it
+    with pytest.raises(FileExistsError, match="holds notes.txt, which no export wrote"):
+        _export(tmp_path, overwrite=True)
+    assert (path / "notes.txt").read_text() == "the user's"
+    (path / "notes.txt").unlink()
     path = _export(tmp_path, overwrite=True)
-    assert not (path / "stale.txt").exists() and (path / "pruning.json").is_file()
+    assert (path / "pruning.json").is_file() and (path / ".diep_export.json").is_file()
     modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir() if p.is_file()}
     assert modes["model.safetensors"] == modes["config.json"] == modes["pruning.json"], modes
     assert not list(tmp_path.glob(".export.*"))

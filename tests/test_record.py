@@ -25,3 +25,13 @@ def test_mismatched_pruning_json_is_refused(tmp_path):
     (path / "pruning.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="pruning.json"):
         load_pruned(path)
+
+
+def test_a_huge_damaged_kept_list_gives_a_short_error_line():
+    from diep_lightning.record import validate_record
+
+    record = {"layers": [{"experts_before": 8, "kept": list(range(8)) * 250_000, "removed": []}]}
+    with pytest.raises(ValueError) as err:
+        validate_record(record, "pruning.json")
+    message = str(err.value)
+    assert len(message) < 300 and len(message.splitlines()) == 1 and "(2,000,000 ids)" in message, message[:300]
