@@ -140,3 +140,15 @@ def test_bad_pipeline_input_is_refused_before_model_work():
     with pytest.raises(ValueError, match="^calibrate_router: nothing is pruned"):
         prune(model, None, plan=nothing, batches=batches(), calibrate_router=True)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_pruning_steps_run_in_the_pipelines_order_whatever_the_list_order():
+    from types import SimpleNamespace
+
+    from diep_lightning.callbacks import (ExpertMerging, LmEvalValidation, RouterCalibration, SkipCalibration)
+    from diep_lightning.callbacks.step import pruning_steps
+
+    listed = [LmEvalValidation(tasks=["kit_copa"]), SkipCalibration(), RouterCalibration(), ExpertMerging()]
+    ordered = pruning_steps(SimpleNamespace(callbacks=listed))
+    assert [type(c).__name__ for c in ordered] == ["ExpertMerging", "RouterCalibration", "SkipCalibration",
+                                                   "LmEvalValidation"]
