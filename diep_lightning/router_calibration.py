@@ -71,9 +71,7 @@ class RouterCalibrationSettings:
     def check_family(self, family: Any) -> None:
         """Refuse a group the model's family does not have, before any model work."""
         for group in self.groups:
-            if group not in family.calibration_groups:
-                raise ValueError(f"groups: {type(family).__name__} has no {group!r} parameters to calibrate; it has "
-                                 f"{list(family.calibration_groups)}")
+            family.check_calibration_group(group)
 
 
 def settings_from(value: Any) -> RouterCalibrationSettings | None:
@@ -284,11 +282,7 @@ def calibrate_routers(model: nn.Module, teacher: TeacherTargets, settings: Route
             optimizer.step()
             load({name: m.detach() for name, m in masters.items()})
             if step % settings.eval_every == 0 or step == settings.steps:
-                for p in params.values():
-                    p.requires_grad_(False)
-                score = _kl_on(model, teacher, held_rows, settings.batch_size)
-                for p in params.values():
-                    p.requires_grad_(True)
+                score = _kl_on(model, teacher, held_rows, settings.batch_size)  # no_grad inside
                 history.append({"step": step, "heldout_kl": score, "train_kl": float(loss.detach())})
                 if log is not None:
                     log({"router_calibration/heldout_kl": score, "router_calibration/train_kl": float(loss.detach())},

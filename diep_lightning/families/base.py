@@ -323,9 +323,7 @@ class MoEFamily:
         so it stays as the search left it). "norm": the norm in front of the MoE block (its input scale);
         "attention_norm": the norm in front of the same layer's attention.
         """
-        if group not in self.calibration_groups:
-            raise ValueError(f"groups: {type(self).__name__} has no {group!r} parameters to calibrate; it has "
-                             f"{list(self.calibration_groups)}")
+        self.check_calibration_group(group)
         if group == "router":
             return dict(block.router.named_parameters(recurse=False))
         if group in ("norm", "attention_norm"):
@@ -333,6 +331,12 @@ class MoEFamily:
             norm = layer.post_attention_layernorm if group == "norm" else layer.input_layernorm
             return dict(norm.named_parameters(recurse=False))
         return self._calibration_parameters(block, group)
+
+    def check_calibration_group(self, group: str) -> None:
+        """Refuse, in one line, a group this family does not have."""
+        if group not in self.calibration_groups:
+            raise ValueError(f"groups: {type(self).__name__} has no {group!r} parameters to calibrate; it has "
+                             f"{list(self.calibration_groups)}")
 
     def _calibration_parameters(self, block: MoEBlock, group: str) -> dict[str, nn.Parameter]:
         """Family-specific groups (e.g. a shared expert's gate)."""
