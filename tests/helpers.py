@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
 import torch
 
 from diep_lightning.families import get_family
@@ -48,3 +52,19 @@ def plan_for(model, sparsity, mode="global"):
 def logits(model, tokens=TOKENS):
     with torch.no_grad():
         return model(tokens).logits
+
+
+
+class WaitForFile(pl.Callback):
+    """Holds a run at the start of epoch ``epoch`` until ``path`` exists (``--trainer.callbacks+=helpers.WaitForFile``),
+    so a test can act while the run is mid-search whatever the machine's speed."""
+
+    def __init__(self, path: str, epoch: int = 0, timeout: float = 300.0) -> None:
+        self.path, self.epoch, self.timeout = Path(path), epoch, timeout
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        deadline = time.time() + self.timeout
+        while not self.path.exists() and time.time() < deadline:
+            time.sleep(0.1)

@@ -104,20 +104,25 @@ def test_two_real_runs_on_one_export_folder(tmp_path, tiny_mixtral_dir):
     """The second run to start is refused in one line while the first holds the folder; the first exports."""
     from helpers import fit_args
 
-    export = tmp_path / "export"
-    common = [*fit_args(tiny_mixtral_dir, str(tmp_path / "logs"), epochs=60), "--trainer.logger=false",
+    export, go = tmp_path / "export", tmp_path / "go"
+    common = [*fit_args(tiny_mixtral_dir, str(tmp_path / "logs")), "--trainer.logger=false",
               "--trainer.callbacks+=GlobalExpertPruning", f"--trainer.callbacks.export_dir={export}",
               "--trainer.callbacks.overwrite=true", "--trainer.callbacks.sparsity=0.25"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen([sys.executable, "-m", "diep_lightning", *common], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    # the first run waits mid-search (holding the lock) until the second has been answered
+    first = subprocess.Popen([sys.executable, "-m", "diep_lightning", *common,
+                              "--trainer.callbacks+=helpers.WaitForFile", f"--trainer.callbacks.path={go}"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = ExportLock(export)
     deadline = time.time() + 120
     while not lock.path.exists():
         assert first.poll() is None and time.time() < deadline, first.communicate()
         time.sleep(0.2)
-    second = subprocess.run([sys.executable, "-m", "diep_lightning", *common], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    try:
+        second = subprocess.run([sys.executable, "-m", "diep_lightning", *common], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        go.touch()
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 2 and "Traceback" not in second.stderr

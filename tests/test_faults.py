@@ -37,17 +37,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_mixtral_dir, tmp_
     main(_args(tiny_mixtral_dir, straight, tmp_path / "export_straight"))
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    # the run is held at the start of its third epoch (two checkpoints written) and killed there
     proc = subprocess.Popen([sys.executable, "-m", "diep_lightning",
-                             *_args(tiny_mixtral_dir, killed, tmp_path / "export_killed")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                             *_args(tiny_mixtral_dir, killed, tmp_path / "export_killed"),
+                             "--trainer.callbacks+=helpers.WaitForFile", f"--trainer.callbacks.path={tmp_path / 'never'}",
+                             "--trainer.callbacks.epoch=2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     last = killed / "ckpt" / "last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if last.exists() and torch.load(last, weights_only=False)["epoch"] >= 1:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "export_killed").exists(), "a killed run must not leave an export"
