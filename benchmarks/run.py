@@ -193,7 +193,7 @@ def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[
 
 # ---------------------------------------------------------------------------------------------- pruning
 def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str, datamodule: Any = None,
-          merge: bool = False, skip: bool = False, merge_temperature: float = 1.0, calibrate: bool = False):
+          merge: Any = False, skip: bool = False, calibrate: bool = False):
     """A fresh copy of the model pruned with ``scores`` by the library's :func:`diep_lightning.prune`; with
     ``calibrate`` its routers are calibrated (default settings) on all the datamodule's calibration text."""
     from diep_lightning.data import first_batches
@@ -202,7 +202,7 @@ def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str
 
     batches = first_batches(datamodule, 4) if datamodule is not None else []
     pruned = prune_model(load_model(model_dir), scores, sparsity, mode, batches=batches,
-                         merge_temperature=merge_temperature if merge else None, skip=skip,
+                         merge=merge or None, skip=skip,
                          calibrate_router=calibrate or None,
                          router_batches=first_batches(datamodule, 10**9) if calibrate else ())
     return pruned.model, pruned.plan, pruned.after, pruned.skipping

@@ -1,59 +1,94 @@
-"""Screen ExpertMerging's temperature on the ``tune.py`` proxy.
+"""Screen ExpertMerging's settings on the calibration side: prune a shipped model with DiEP's recorded scores at 25%
+and 50%, plainly and with each merge setting, and compare token perplexity on C4 windows held out from the
+calibration windows (what chooses the defaults, see ``TUNING.md``; never the evaluation tasks)::
 
-One DiEP search with the defaults, then global pruning at 25% and 50%, without merging and with merging at each
-temperature; prints the token perplexity of each pruned model (see ``TUNING.md``)::
+    python -m benchmarks.tune_merging --model models/tiny-mixtral \\
+        --settings '[{"align": false, "guard": false, "weights": "similarity"}, {}]'
 
-    python -m benchmarks.tune_merging --model models/tiny-mixtral
+One JSON line per model x sparsity x setting goes to ``--results``: held-out perplexity, the groups the guard
+folded, the members' mean weight cosine to their survivor after alignment, and the merge stage's wall time.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks import run as bench
-from benchmarks import tune
+from benchmarks.files import Parser
+from benchmarks.tune import token_perplexity, tuning_log
+from benchmarks.tune_router import diep_scores
+
+HERE = Path(__file__).resolve().parent
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks.files import Parser
-
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = Parser("benchmarks.tune_merging", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/tiny-mixtral")
-    parser.add_argument("--temperatures", default="1.0,0.3,0.1")
+    parser.add_argument("--sparsities", default="0.25,0.5")
+    parser.add_argument("--settings", default="[{}]", help="JSON list of MergeSettings fields")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--num-samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--heldout-samples", type=int, default=64, help="C4 windows held out for the score")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tag", default="merging")
+    parser.add_argument("--results", default=str(HERE / "tuning_results.jsonl"))
     args = parser.parse_args(argv)
-    try:
-        temperatures = [float(t) for t in args.temperatures.split(",")]
-    except ValueError:
-        parser.error(f"--temperatures: comma-separated numbers, e.g. 1.0,0.3,0.1; got {args.temperatures!r}")
-    if any(t <= 0 for t in temperatures):
-        parser.error("--temperatures: every temperature must be > 0, e.g. 1.0,0.3,0.1")
-    parser.model_dir(args.model)
-    torch.set_num_threads(args.threads)
-    from transformers import AutoTokenizer
+    from diep_lightning.pipeline import merge_settings
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    ids = torch.tensor(tokenizer(tune.wikitext_test().read_text()[:400_000])["input_ids"][:32768])
-    module, datamodule = bench.search(args.model, "diep", args, data_seed=42)
-    scores = module.expert_scores()
-    result: dict[str, Any] = {"model": Path(args.model).name}
-    for sparsity in (0.25, 0.5):
-        for temperature in [None, *temperatures]:
-            model = bench.prune(args.model, scores, sparsity, "global", datamodule, merge=temperature is not None,
-                                merge_temperature=temperature or 1.0)[0]
-            key = f"{sparsity}_{'no_merging' if temperature is None else temperature}"
-            result[key] = round(tune.token_perplexity(model, ids), 2)
-            print(key, result[key], flush=True)
-    print(json.dumps(result))
-    return result
+    try:
+        settings = json.loads(args.settings)
+        if not isinstance(settings, list):
+            raise ValueError("expected a JSON list")
+        for spec in settings:
+            merge_settings(spec)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--settings: {err}")
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+    except ValueError:
+        parser.error(f"--sparsities: comma-separated fractions, e.g. 0.25,0.5; got {args.sparsities!r}")
+    parser.model_dir(args.model)
+    parser.checked_file(args.results, "--results", tuning_log, "a tuning log (JSON lines of earlier runs)")
+    torch.set_num_threads(args.threads)
+    from diep_lightning.data import CalibrationDataModule, first_batches
+    from diep_lightning.loading import load_model
+    from diep_lightning.pipeline import prune
+
+    scores = diep_scores(args.model, args)
+    datamodule = CalibrationDataModule(tokenizer=args.model, num_samples=args.num_samples, seq_len=args.seq_len,
+                                       batch_size=args.batch_size, seed=42, val_samples=args.heldout_samples)
+    datamodule.setup()
+    batches = first_batches(datamodule, 4)  # what the benchmark's merge rows calibrate on
+    heldout = datamodule.val_tokens.reshape(-1)
+    full_ppl = token_perplexity(load_model(args.model), heldout)
+    rows = []
+    for sparsity in sparsities:
+        plain = token_perplexity(prune(load_model(args.model), scores, sparsity, "global").model, heldout)
+        for spec in settings:
+            start = time.perf_counter()
+            out = prune(load_model(args.model), scores, sparsity, "global", batches=batches, merge=spec)
+            seconds = time.perf_counter() - start
+            groups = [g for layer in out.plan.merges for g in layer.values()]
+            aligned = [s for g in groups for s in g.get("aligned_similarity", [])[1:]]
+            row = {"model": Path(args.model).name, "tag": args.tag, "sparsity": sparsity, "settings": spec,
+                   "full_ppl": round(full_ppl, 3), "pruned_ppl": round(plain, 3),
+                   "merged_ppl": round(token_perplexity(out.model, heldout), 3),
+                   "groups": len(groups), "folded": sum(g.get("merged", True) is not False for g in groups),
+                   "aligned_cosine": round(sum(aligned) / len(aligned), 4) if aligned else None,
+                   "merge_s": round(seconds, 1)}
+            row["vs_pruned"] = round(row["merged_ppl"] / plain, 4)
+            print(json.dumps(row), flush=True)
+            with open(args.results, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

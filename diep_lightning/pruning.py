@@ -100,6 +100,7 @@ class PruningPlan:
         merges: per block, ``{survivor: {"members": [...], "weights": [...]}}`` if pruned experts were merged.
         skipping: the calibrated skipping installed after removal, if any.
         router_calibration: what router calibration trained and measured (held-out KL before/after), if it ran.
+        merging: the merge settings and, with the guard, each layer's held-out block error, if merging ran.
     """
 
     removed: list[list[int]]
@@ -110,6 +111,7 @@ class PruningPlan:
     merges: list[dict[int, dict[str, list[float]]]] = field(default_factory=list)
     skipping: SkipRecord | None = None
     router_calibration: dict[str, Any] | None = None
+    merging: dict[str, Any] | None = None
 
     @property
     def num_removed(self) -> int:
@@ -119,14 +121,14 @@ class PruningPlan:
         return {"removed": self.removed, "kept": self.kept, "scores": self.scores, "sparsity": self.sparsity,
                 "mode": self.mode, "merges": [{str(k): v for k, v in m.items()} for m in self.merges],
                 "skipping": self.skipping.to_dict() if self.skipping is not None else None,
-                "router_calibration": self.router_calibration}
+                "router_calibration": self.router_calibration, "merging": self.merging}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningPlan:
         merges = [{int(k): v for k, v in m.items()} for m in data.get("merges", [])]
         return cls(removed=data["removed"], kept=data["kept"], scores=data["scores"], sparsity=data["sparsity"],
                    mode=data["mode"], merges=merges, skipping=recorded_skipping(data),
-                   router_calibration=data.get("router_calibration"))
+                   router_calibration=data.get("router_calibration"), merging=data.get("merging"))
 
 
 def recorded_skipping(plan: dict[str, Any]) -> SkipRecord | None:

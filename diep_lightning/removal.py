@@ -23,13 +23,15 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan, family: MoEFamily | None = None) -> None:
-    """Merge (if the plan has merge groups) then physically remove the plan's experts, in place."""
+    """Merge (the plan's merge groups the guard kept) then physically remove the plan's experts, in place."""
     family = family or get_family(model)
     blocks = family.blocks(model)
     if len(blocks) != len(plan.removed):
         raise ValueError(f"plan: made for {len(plan.removed)} MoE layers, the model has {len(blocks)}")
     for block, removed, merges in zip(blocks, plan.removed, plan.merges or [{}] * len(blocks)):
         for survivor, group in merges.items():
+            if group.get("merged", True) is False:  # the guard found plain pruning better here
+                continue
             family.merge_experts(block, int(survivor), [int(m) for m in group["members"]], group["weights"])
         family.remove_experts(block, removed)
 

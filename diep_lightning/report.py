@@ -83,7 +83,7 @@ tags: [mixture-of-experts, pruning, diep]
 - Source model: `{source}`
 - Method: {method}, mode `{plan.mode}`, expert sparsity {plan.sparsity:.3f}
 - Experts removed: {plan.num_removed} of {sum(len(s) for s in plan.scores)}
-- Merged: {"yes" if any(plan.merges) else "no"}; adaptive skipping calibrated: {"yes" if plan.skipping is not None else "no"}
+- Merged: {merged_summary(plan)}; adaptive skipping calibrated: {"yes" if plan.skipping is not None else "no"}
 - Routers calibrated by distillation from the source model: {router}
 
 | | parameters | bytes |
@@ -100,3 +100,13 @@ tags: [mixture-of-experts, pruning, diep]
 Load: `{load}`, or `diep_lightning.load_pruned(path)`.
 `pruning.json` lists, per layer, the original ids of the kept experts and the scores that chose them.
 """
+
+
+def merged_summary(plan: Any) -> str:
+    """'no', or how many merge groups were folded (of how many the guard weighed)."""
+    groups = [g for layer in plan.merges for g in layer.values()]
+    if not groups:
+        return "no"
+    folded = sum(g.get("merged", True) is not False for g in groups)
+    return f"yes, {folded} of {len(groups)} groups (the others pruned plainly: merging raised their layer's error)" \
+        if folded < len(groups) else "yes"

@@ -86,6 +86,12 @@ class MoEFamily:
     eager_skips_sentinel: ClassVar[bool] = True
     #: parameter groups router calibration can train in this family (see :meth:`calibration_parameters`)
     calibration_groups: ClassVar[tuple[str, ...]] = ("router", "norm", "attention_norm")
+    #: where each expert tensor keeps its hidden units, for aligning experts before merging: per tensor name,
+    #: ``(dim of one expert's slice that runs over units, contiguous chunks along it, interleaved entries per
+    #: unit)``; the fused default is gate/up stacked as (2I, H) and down as (H, I). A tensor not named has no unit
+    #: axis (an output bias). None: this family's experts cannot be aligned.
+    unit_layout: ClassVar[dict[str, tuple[int, int, int]] | None] = {"gate_up_proj": (0, 2, 1),
+                                                                      "down_proj": (1, 1, 1)}
 
     # ------------------------------------------------------------------ discovery
     def decoder_layers(self, model: nn.Module) -> Sequence[nn.Module]:

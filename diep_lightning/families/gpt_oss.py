@@ -17,4 +17,5 @@ class GptOssFamily(MoEFamily):
     model_types = ("gpt_oss",)
     eager_skips_sentinel = False  # its eager forward one-hots with N classes
     router_attr = "router"
+    unit_layout = {"gate_up_proj": (1, 1, 2), "gate_up_proj_bias": (0, 1, 2), "down_proj": (0, 1, 1)}
     num_experts_config_attr = "num_local_experts"
