@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json, whole
+from benchmarks.files import RESULTS, Parser, save_json, whole
 from benchmarks.expert_matmul import expert_shapes
 from benchmarks.sections import publish
 from benchmarks.speed import FULL_WIDTH, SHAPES, machine
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--feature-experts", type=whole(0), default=8,
                     help="experts whose pairs the feature form is timed over (0: all of them)")
     ap.add_argument("--threads", type=whole(1), default=None)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "cka_cost.json"))
+    ap.add_argument("--out", default=str(RESULTS / "cka_cost.json"))
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
     ap.add_argument("--from", dest="from_json", default=None, help="re-render from an earlier run's JSON")

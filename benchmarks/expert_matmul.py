@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json, whole
+from benchmarks.files import RESULTS, Parser, save_json, whole
 from benchmarks.sections import publish
 from benchmarks.speed import SHAPES, _sync, machine, round_seeds
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="leave out the prediction from benchmarks.speed's routing (builds and decodes its model)")
     ap.add_argument("--threads", type=whole(1), default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None, help="the run's JSON (default benchmarks/<section>.json)")
+    ap.add_argument("--out", default=None, help="the run's JSON (default benchmarks/results/<section>.json)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
     ap.add_argument("--from", dest="from_json", default=None,
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.kernels or not set(args.kernels) <= {"grouped", "loop"}:
             ap.error(f"--kernels: choose from grouped, loop; got {args.kernels}")
         ap.device(args.device)
-        out = ap.out_file(args.out or str(REPO / "benchmarks" /
+        out = ap.out_file(args.out or str(RESULTS /
                                           f"{section_name({'device': torch.device(args.device).type})}.json"))
         if args.threads:
             torch.set_num_threads(args.threads)

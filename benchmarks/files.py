@@ -12,7 +12,15 @@ from typing import Any
 
 from diep_lightning.outputs import CommandParser, Refusal, is_report, read_json, save_json, writable_file, written_by
 
-__all__ = ["Parser", "save_json", "whole"]
+__all__ = ["RESULTS", "Parser", "run_json", "save_json", "whole"]
+
+#: where the benchmarks' result JSONs live (the reports, RESULTS.md and TUNING.md, stay beside the code)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_json(folder: str | Path) -> Path:
+    """The JSON of a ``benchmarks.run`` report folder: ``<folder>/results/run.json``."""
+    return Path(folder) / "results" / "run.json"
 
 
 def whole(minimum: int = 1, multiple: int = 1) -> Callable[[str], int]:

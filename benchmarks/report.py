@@ -225,7 +225,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, c
                   "measured afterwards, one model at a time, on an otherwise idle machine.", ""]
     if results.get("resumed"):
         lines += ["Resumed (`--resume`): these parts were finished by an earlier, interrupted run of the same command "
-                  f"and settings into the same folder (each part's machine is in results.json): "
+                  f"and settings into the same folder (each part's machine is in results/run.json): "
                   f"{', '.join(results['resumed'])}.", ""]
     for model_name, res in results["models"].items():
         lines += [f"## {model_name}", ""]

@@ -11,7 +11,7 @@ full model, and records exported expert bytes. DiEP and random run over several 
 seed). Then, side by side in one run, each method's search cost (wall time, peak resident memory, each in its
 own subprocess) against the floor: one plain forward + backward of the same model over the same batches and
 epochs. Finally decode tokens/s (greedy, batch 1 and 16) of the full, pruned, and pruned + skipping models.
-Writes ``RESULTS.md``, ``results.json`` and ``quality_vs_sparsity_<model>.png`` into ``--out``; each model's
+Writes ``RESULTS.md`` and ``quality_vs_sparsity_<model>.png`` into ``--out`` and its JSON to ``<out>/results/run.json``; each model's
 finished parts go to ``--out``/``.part_<model>/`` as they finish, so the same command with ``--resume`` goes on
 after an interruption (the default run takes hours on a small CPU).
 """
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, a_run_of
+from benchmarks.files import Parser, a_run_of, run_json
 from benchmarks.report import (_documents, _summary, comparisons, machine, paired_bootstrap,  # noqa: F401
                                plot, targets_section, verdict, write_report)
 from benchmarks.rows import (BASELINES, CALIBRATED_ROWS, COMPARED, COST_ROWS, HEADLINE, LOWER_IS_BETTER,  # noqa: F401
@@ -304,8 +304,9 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         # DiEP: one search per data seed serves every sparsity
         diep_modules = {}
         # (DiEP refined by the evolutionary allocation needs only the first seed's search)
-        diep_rows = wanted("diep", "diep_uniform", "diep_merge", "diep_skip", "diep_cal")
-        for seed in seeds if diep_rows else seeds[:1] if wanted("diep_evo", "diep_merge_cal") else []:
+        diep_rows = wanted("diep", "diep_uniform", "diep_cal")  # the other DiEP rows need only the first seed
+        for seed in seeds if diep_rows else seeds[:1] if wanted("diep_evo", "diep_merge", "diep_merge_cal",
+                                                                 "diep_skip") else []:
             module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
             diep_modules[seed] = (module.expert_scores(), datamodule)
             for sparsity in sparsities:
@@ -589,9 +590,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cost_child:
         print(json.dumps(cost_child(args.models.split(",")[0], args.cost_child, args)))
         return {}
-    parts = [parser.earlier_run(str(Path(d) / "results.json"), "--combine") for d in (args.combine or "").split(",") if d]
-    out = parser.out_folder(args.out, {"RESULTS.md": is_report, "results.json": a_run_of("run")})
-    out.mkdir(parents=True, exist_ok=True)
+    parts = [parser.earlier_run(str(run_json(d)), "--combine") for d in (args.combine or "").split(",") if d]
+    out = parser.out_folder(args.out, {"RESULTS.md": is_report, "results/run.json": a_run_of("run")})
+    run_json(out).parent.mkdir(parents=True, exist_ok=True)
     if args.combine:
         merged = {"args": parts[0]["args"], "models": {}}
         for part in parts:  # a later folder's section replaces an earlier one's for the same model
@@ -615,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 merged["models"][name] = {**res, "measured_by": by}
         merged["command"] = " ; ".join(dict.fromkeys(run for res in merged["models"].values()
                                                      for run in res["measured_by"].split(" ; ")))
-        (out / "results.json").write_text(json.dumps(merged, indent=2))
+        run_json(out).write_text(json.dumps(merged, indent=2))
         write_report(merged, argparse.Namespace(**parts[0]["args"]), out, merged["command"])
         plot(merged, out)
         return merged
@@ -656,8 +657,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 results["models"][name] = run_model(model_dir, args)
                 save_part(part_dir(out, model_dir) / "results.json", args.phases, {name: results["models"][name]})
-            (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+            run_json(out).write_text(json.dumps(results, indent=2))
+    run_json(out).write_text(json.dumps(results, indent=2))
     write_report(results, args, out, command)
     plot(results, out)
     return results

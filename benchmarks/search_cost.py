@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json, whole
+from benchmarks.files import RESULTS, Parser, save_json, whole
 from benchmarks.sections import publish, write_section
 from benchmarks.speed import _sync
 
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=whole(1), default=3, help="rounds of floor and search per size")
     ap.add_argument("--out", default=None,
-                    help="where the run's JSON goes (default benchmarks/search_cost.json, search_cost_cuda.json on cuda)")
+                    help="where the run's JSON goes (default benchmarks/results/search_cost.json, search_cost_cuda.json on cuda)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
     ap.add_argument("--child", choices=["floor", "diep"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--sizes: each HIDDENxLAYERS needs two whole numbers >= 1, got {args.sizes!r}")
     ap.device(args.device)
     if args.out is None:  # a GPU's run never replaces the CPU's
-        args.out = str(Path(__file__).resolve().parent / f"{section_name({'device': args.device})}.json")
+        args.out = str(RESULTS / f"{section_name({'device': args.device})}.json")
     ap.out_file(args.out)
     ap.report_file(args.results)
     from benchmarks.speed import machine

@@ -24,7 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.files import Parser, save_json, whole
+from benchmarks.files import RESULTS, Parser, save_json, whole
 from benchmarks.sections import publish
 from benchmarks import speed
 from benchmarks.speed import machine, ratios
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="comma-separated skipping paths to time (off always; fewer: fewer graphs to compile)")
     ap.add_argument("--compile", action="store_true",
                     help="decode through a compiled step (static cache); writes its own RESULTS.md section")
-    ap.add_argument("--out", default=None, help="where the run's JSON goes (default benchmarks/skip_overhead*.json, "
+    ap.add_argument("--out", default=None, help="where the run's JSON goes (default benchmarks/results/skip_overhead*.json, "
                                                 "named like the RESULTS.md section)")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "models": {}}
     section = section_name({**results, "models": {Path(m).name: None for m in models}})
     if args.out is None:
-        args.out = str(REPO / "benchmarks" / f"{section}.json")
+        args.out = str(RESULTS / f"{section}.json")
     ap.out_file(args.out)
     ap.report_file(args.results)
     for model_dir in models:

@@ -6,7 +6,7 @@
 The paper's median rule skips about half of the non-top choices (a quarter of the slots at top-2), which bounds
 what skipping can save (section "Speed at real layer shapes"). ``SkipCalibration(strength=s)`` multiplies every
 threshold by s. Here each shipped model is pruned exactly as the benchmark's ``diep_skip`` row (DiEP's seed-0
-scores from ``benchmarks/results.json``, global, 25% and 50%), and skipping is calibrated at each strength on the
+scores from ``benchmarks/results/run.json``, global, 25% and 50%), and skipping is calibrated at each strength on the
 same calibration batches; BLiMP and WikiText-2 of the pruned model with skipping are compared with the same model
 without it, document by document (95% paired-bootstrap intervals). Each model runs in its own process
 (``--jobs``).
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json, whole
+from benchmarks.files import RESULTS, Parser, run_json, save_json, whole
 from benchmarks.run import HEADLINE, LOWER_IS_BETTER, REPO, _datamodule, paired_bootstrap
 from benchmarks.sections import write_section
 
@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--num-samples", type=whole(1), default=128)
     ap.add_argument("--seq-len", type=whole(2), default=256)
     ap.add_argument("--batch-size", type=whole(1), default=16)
-    ap.add_argument("--scores-from", default=str(REPO / "benchmarks" / "results.json"),
-                    help="a benchmarks.run results.json holding each model's DiEP seed-0 scores")
+    ap.add_argument("--scores-from", default=str(run_json(REPO / "benchmarks")),
+                    help="a benchmarks.run JSON (results/run.json) holding each model's DiEP seed-0 scores")
     ap.add_argument("--jobs", type=whole(1), default=2)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "skip_strength.json"))
+    ap.add_argument("--out", default=str(RESULTS / "skip_strength.json"))
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--from", dest="from_json", default=None,
                     help="re-render the RESULTS.md section from an earlier run's json, measuring nothing")

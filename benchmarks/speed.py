@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.files import Parser, save_json, whole
+from benchmarks.files import RESULTS, Parser, save_json, whole
 from benchmarks.sections import publish, write_section
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -634,9 +634,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--compile", action="store_true",
                     help="decode through a compiled step (static cache); writes its own RESULTS.md section")
     ap.add_argument("--threads", type=whole(1), default=os.cpu_count())
-    ap.add_argument("--out", default=None, help="where the run's JSON goes (default: benchmarks/speed.json for the "
+    ap.add_argument("--out", default=None, help="where the run's JSON goes (default: benchmarks/results/speed.json for the "
                                                 "CPU's eager section, speed_compiled.json for its compiled one, else "
-                                                "benchmarks/<RESULTS.md section>.json)")
+                                                "benchmarks/results/<RESULTS.md section>.json)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"),
                     help="RESULTS.md to put the section into ('' for none)")
     ap.add_argument("--from", dest="from_json", default=None,
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         section = section_name({**results, "runs": dict.fromkeys(f"{s} {d}" for s in args.shapes.split(",")
                                                                  for d in args.dtypes.split(","))})
         name = {"speed_cpu": "speed.json", "speed_cpu_compiled": "speed_compiled.json"}.get(section, f"{section}.json")
-        args.out = str(Path(__file__).resolve().parent / name)
+        args.out = str(RESULTS / name)
     ap.out_file(args.out)
     ap.report_file(args.results)
     for shape in args.shapes.split(","):

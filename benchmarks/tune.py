@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks import run as bench  # the benchmark's search and prune helpers
-from benchmarks.files import Parser
+from benchmarks.files import RESULTS, Parser
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "wikitext2_test.txt"
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
-    parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "tuning_results.jsonl"))
+    parser.add_argument("--results", default=str(RESULTS / "tuning_results.jsonl"))
     args = parser.parse_args(argv)
     kwargs = module_kwargs(args.module)  # bad JSON fails here, before any model is loaded
     parser.model_dir(args.model)

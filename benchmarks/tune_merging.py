@@ -6,7 +6,7 @@ calibration windows (what chooses the defaults, see ``TUNING.md``; never the eva
         --settings '[{"align": false, "guard": false, "weights": "similarity"}, {}]'
 
 One JSON line per model x sparsity x setting goes to ``--results``: held-out perplexity, the groups the guard
-folded, the members' mean weight cosine to their survivor after alignment, and the merge stage's wall time.
+folded, the members' mean weight cosine to their survivor before and after alignment, and the merge stage's wall time.
 """
 
 from __future__ import annotations
@@ -18,12 +18,9 @@ from typing import Any
 
 import torch
 
-from benchmarks import run as bench
-from benchmarks.files import Parser
+from benchmarks.files import RESULTS, Parser
 from benchmarks.tune import token_perplexity, tuning_log
 from benchmarks.tune_router import diep_scores
-
-HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -38,7 +35,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--heldout-samples", type=int, default=64, help="C4 windows held out for the score")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="merging")
-    parser.add_argument("--results", default=str(HERE / "tuning_results.jsonl"))
+    parser.add_argument("--results", default=str(RESULTS / "tuning_results.jsonl"))
     args = parser.parse_args(argv)
     from diep_lightning.pipeline import merge_settings
 
@@ -76,12 +73,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             out = prune(load_model(args.model), scores, sparsity, "global", batches=batches, merge=spec)
             seconds = time.perf_counter() - start
             groups = [g for layer in out.plan.merges for g in layer.values()]
-            aligned = [s for g in groups for s in g.get("aligned_similarity", [])[1:]]
+            aligned = [s for g in groups for s in g.get("weight_cosine", [])[1:]]
+            unaligned = [s for g in groups for s in g.get("weight_cosine_unaligned", [])[1:]]
             row = {"model": Path(args.model).name, "tag": args.tag, "sparsity": sparsity, "settings": spec,
                    "full_ppl": round(full_ppl, 3), "pruned_ppl": round(plain, 3),
                    "merged_ppl": round(token_perplexity(out.model, heldout), 3),
                    "groups": len(groups), "folded": sum(g.get("merged", True) is not False for g in groups),
                    "aligned_cosine": round(sum(aligned) / len(aligned), 4) if aligned else None,
+                   "unaligned_cosine": round(sum(unaligned) / len(unaligned), 4) if unaligned else None,
                    "merge_s": round(seconds, 1)}
             row["vs_pruned"] = round(row["merged_ppl"] / plain, 4)
             print(json.dumps(row), flush=True)

@@ -7,7 +7,7 @@ WikiText-2 token perplexity of the full, pruned and calibrated models is printed
     python -m benchmarks.tune_router --model models/tiny-qwen-moe --sparsity 0.5 \\
         --settings '[{"lr": 1e-3}, {"lr": 3e-3}, {"lr": 3e-3, "groups": ["router", "norm"]}]'
 
-DiEP's scores are those of ``benchmarks/results.json`` (its seed-0 search) where that file has the model, else a
+DiEP's scores are those of ``benchmarks/results/run.json`` (its seed-0 search) where that file has the model, else a
 fresh seed-0 search. Calibration text: C4 train windows of the benchmark (``--num-samples`` x ``--seq-len``).
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks import run as bench
-from benchmarks.files import Parser
+from benchmarks.files import RESULTS, Parser, run_json
 from benchmarks.tune import token_perplexity, tuning_log, wikitext_test
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 
 def diep_scores(model_dir: str, args: Any) -> list[torch.Tensor]:
     """DiEP's seed-0 scores: the benchmark's recorded ones, else a fresh search."""
-    results = HERE / "results.json"
+    results = run_json(HERE)
     name = Path(model_dir).name
     if results.is_file():
         recorded = json.loads(results.read_text()).get("models", {}).get(name, {}).get("diep_scores_seed0")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="router")
-    parser.add_argument("--results", default=str(HERE / "tuning_results.jsonl"))
+    parser.add_argument("--results", default=str(RESULTS / "tuning_results.jsonl"))
     args = parser.parse_args(argv)
     from diep_lightning.router_calibration import settings_from
 

@@ -73,16 +73,20 @@ def matching(block: MoEBlock, survivor: int, member: int) -> torch.Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-def align_members(block: MoEBlock, survivor: int, members: list[int]) -> dict[int, float]:
+def align_members(block: MoEBlock, survivor: int, members: list[int]) -> dict[int, tuple[float, float]]:
     """Permute each member (not the survivor) to match the survivor, in place; return each member's cosine
-    similarity to the survivor (flattened unit weights) after alignment, a measure of how alike they are."""
+    similarity to the survivor (flattened unit weights) before and after alignment: how alike they are."""
     check_alignable(block.family, block)
     target = expert_units(block, survivor).flatten()
+
+    def cosine(member: int) -> float:
+        return float(torch.nn.functional.cosine_similarity(target, expert_units(block, member).flatten(), dim=0))
+
     similarity = {}
     for member in members:
         if member == survivor:
             continue
+        before = cosine(member)
         permute_units(block, member, matching(block, survivor, member))
-        similarity[member] = float(torch.nn.functional.cosine_similarity(
-            target, expert_units(block, member).flatten(), dim=0))
+        similarity[member] = (before, cosine(member))
     return similarity

@@ -81,6 +81,7 @@ def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.Path
                                                               base_cls.__name__), indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            drop_tokenizer_code_map(tmp)
         record = build_record(plan, spec, source=source, model_type=model.config.model_type, method=method,
                               uniform=uniform, before=original, after=after)
         (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2))
@@ -89,6 +90,17 @@ def export_pruned(model: nn.Module, plan: PruningPlan, export_dir: str | os.Path
             (tmp / name).write_text(content)
         figures = plot_plan(plan, counts, tmp, method)
     return Path(export_dir).expanduser().resolve(), figures
+
+
+def drop_tokenizer_code_map(folder: Path) -> None:
+    """Remove ``auto_map`` from a saved tokenizer's config: the export carries no tokenizer code, so the map would
+    point at code that is not there, or make a loader fetch and run someone else's."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.pop("auto_map", None) is not None:
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def non_uniform_config(cfg: dict[str, Any], spec: list[dict[str, int] | None], family: MoEFamily,

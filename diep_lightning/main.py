@@ -61,6 +61,11 @@ class DiEPCLI(LightningCLI):
                              "options with --prune.X, or drop prune: with --prune=null)")
         return super()._instantiate_trainer({**config, "callbacks": prune + listed}, [])
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        record_new_log_dir(trainer)
+        return trainer
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI restores the checkpoint's hyperparameters over the command line's, so a checkpoint of
         another model would silently switch the model being pruned: read and check the checkpoint first."""
@@ -127,6 +132,45 @@ def _innermost_message(err: BaseException) -> str:
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)":?')
 _NAMES_ARGUMENT = re.compile(r"^[\w.\[\]]+: ")
 
+#: (log folder, the highest folder above it the run creates, its trainer) of runs that had not yet written there
+_NEW_LOG_DIRS: list[tuple[Path, Path, Any]] = []
+#: what a logger and the CLI write into a run's log folder before the search has produced anything
+_RUN_FILES = re.compile(r"^(events\.out\.tfevents\..*|hparams\.yaml|metrics\.csv|config\.yaml)$")
+
+
+def record_new_log_dir(trainer: Any) -> None:
+    """Note the trainer's log folder if this run is the one creating it (a new ``version_N``)."""
+    logger = trainer.logger
+    log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+    if not log_dir or not trainer.is_global_zero:
+        return
+    path = Path(log_dir).expanduser().resolve()
+    if path.exists():
+        return
+    top = path
+    while not top.parent.exists():
+        top = top.parent
+    _NEW_LOG_DIRS.append((path, top, trainer))
+
+
+def remove_failed_run_dirs() -> None:
+    """After a run that failed before its first training step, remove the log folders it created that hold
+    nothing but the logger's and CLI's own files, so refused attempts do not pile up as empty ``version_N``
+    folders; a run that trained, or a folder with anything else in it, stays."""
+    import shutil
+
+    for path, top, trainer in _NEW_LOG_DIRS:
+        if getattr(trainer, "global_step", 0) or not path.is_dir() or any(not (f.is_file() and _RUN_FILES.match(f.name)) for f in path.rglob("*")):
+            continue
+        shutil.rmtree(path)
+        parent = path.parent
+        while path != top and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            if parent == top:
+                break
+            parent = parent.parent
+    _NEW_LOG_DIRS.clear()
+
 
 def cli(args: list[str] | None = None) -> DiEPCLI:
     """Build and run the CLI, raising on bad input (what tests that inspect exceptions call)."""
@@ -188,10 +232,16 @@ def main(args: list[str] | None = None) -> DiEPCLI:
 
     quiet()
     start = time.perf_counter()
+    _NEW_LOG_DIRS.clear()
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
-        check_export_dir_flags(sys.argv[1:] if args is None else args)
-        result = cli(args)
+        try:
+            check_config_files(sys.argv[1:] if args is None else args)
+            check_export_dir_flags(sys.argv[1:] if args is None else args)
+            result = cli(args)
+        except Exception:
+            remove_failed_run_dirs()
+            raise
+        _NEW_LOG_DIRS.clear()
         if getattr(result, "subcommand", None) == "fit" and result.trainer.is_global_zero:
             print(run_summary(result.trainer, time.perf_counter() - start), flush=True)
         return result

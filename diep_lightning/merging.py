@@ -43,7 +43,7 @@ class MergeSettings:
         guard: keep a group merged only where it lowers the pruned block's error on held-out tokens.
         holdout: share of the observed calibration tokens held out for the guard.
         max_tokens: calibration tokens observed per layer.
-        shares: with the guard, the survivor's own shares of its group to try on the grouping tokens (the members
+        shares: with the guard (ignored without it), the survivor's own shares of its group to try on the grouping tokens (the members
             split the rest as ``weights`` says); the best one that beats plain pruning there is used. Empty: the
             weights as they come.
     """
@@ -76,9 +76,8 @@ class MergeSettings:
             raise ValueError(f"shares: a list of numbers in (0, 1], got {self.shares!r}") from None
         if any(not 0 < x <= 1 for x in self.shares):
             raise ValueError(f"shares: every share must be in (0, 1], got {list(self.shares)}")
-        if self.shares and not self.guard:
-            raise ValueError("shares: the survivor's share is chosen by the guard's errors; set guard=true or drop "
-                             "shares")
+        if not self.guard:  # the shares are chosen by the guard's errors: without it the weights stand as they come
+            self.shares = ()
         self.temperature, self.holdout = float(self.temperature), float(self.holdout)
 
     def check_family(self, family: MoEFamily) -> None:
@@ -172,7 +171,8 @@ def plan_merges(model: nn.Module, plan: PruningPlan, batches: Iterable[dict[str,
         if settings.align:
             for survivor, g in groups.items():
                 aligned = align_members(block, int(survivor), [int(m) for m in g["members"]])
-                g["aligned_similarity"] = [1.0] + [aligned[int(m)] for m in g["members"][1:]]
+                g["weight_cosine"] = [1.0] + [aligned[int(m)][1] for m in g["members"][1:]]
+                g["weight_cosine_unaligned"] = [1.0] + [aligned[int(m)][0] for m in g["members"][1:]]
         if settings.guard and held is not None:
             summary.append({"block": block.index, **guard(family, block, held, removed, groups, fit,
                                                           settings.shares)})

@@ -189,9 +189,8 @@ CASES = [
                                        "--trainer.callbacks.weights=median"], "weights: must be one of"),
     ("merging_zero_temperature", None, ["--trainer.callbacks+=ExpertMerging",
                                         "--trainer.callbacks.temperature=0"], "temperature: must be > 0"),
-    ("merging_shares_without_guard", None, ["--trainer.callbacks+=ExpertMerging",
-                                            "--trainer.callbacks.guard=false", "--trainer.callbacks.shares=[0.8]"],
-     "shares: the survivor's share is chosen by the guard"),
+    ("merging_share_above_one", None, ["--trainer.callbacks+=ExpertMerging", "--trainer.callbacks.shares=[0.8,1.5]"],
+     "shares: every share must be in (0, 1]"),
     ("export_dir_tilde_alone", None, ["--config=configs/tiny_mixtral.yaml", "--prune.export_dir=~"],
      "export_dir: '~' reads as YAML's null"),
     ("export_dir_quoted_empty", None, ["--config=configs/tiny_mixtral.yaml", '--prune.export_dir=""'],
@@ -241,6 +240,7 @@ def test_bad_input_fails_in_one_line(name, model_key, extra, starts, bad_inputs,
     assert last[len("error: "):].startswith(starts) or starts in last, last
     if name not in ("nan_loss",):
         assert not list((tmp_path / "run").glob("**/*.ckpt")), "no search may run after bad input"
+        assert not list((tmp_path / "run").glob("**/version_*")), "a refused run leaves no log folder behind"
     assert {p: tree_digest(p) for p in before} == before, "a user's files changed"
     assert (bad_inputs / "a_file.txt").read_bytes() == file_before
     assert not [p for p in bad_inputs.rglob(".*partial-*")], "a partial export was left behind"
@@ -394,6 +394,25 @@ def test_load_pruned_reads_a_uniform_export(tmp_path):
     assert getattr(ours.config, "auto_map", None) is None
 
 
+def test_an_export_drops_the_source_tokenizer_s_code_map(tiny_tokenizer, tmp_path):
+    """A source tokenizer whose config maps to custom code: the export keeps the tokenizer, not the map."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    source = tmp_path / "source_tokenizer"
+    shutil.copytree(tiny_tokenizer.name_or_path, source)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["someone/else--tokenization_x.XTokenizer", None]}
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    path = _export(tmp_path, tokenizer=tokenizer)
+    saved = json.loads((path / "tokenizer_config.json").read_text())
+    assert "auto_map" not in saved and saved.get("tokenizer_class")
+    assert AutoTokenizer.from_pretrained(path)("hello world")["input_ids"] == tokenizer("hello world")["input_ids"]
+
+
 def test_a_full_disk_during_export_exits_1_in_one_line_and_leaves_nothing(tiny_mixtral_dir, tmp_path, capsys,
                                                                            monkeypatch):
     import errno
@@ -411,3 +430,17 @@ def test_a_full_disk_during_export_exits_1_in_one_line_and_leaves_nothing(tiny_m
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path}/out/model.safetensors: No space left on device"), last
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_refused_run_removes_only_the_log_folders_it_created(tiny_mixtral_dir, tmp_path, capsys):
+    """An earlier run's version_0 (with the user's notes in it) stays; the refused run's own version_1 goes."""
+    earlier = tmp_path / "run" / "lightning_logs" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "notes.txt").write_text("mine")
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            main(fit_args(tiny_mixtral_dir, str(tmp_path / "run"), "--trainer.logger=true",
+                          *PRUNE, "--trainer.max_epochs=0"))
+    assert "trainer.max_epochs" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "lightning_logs").iterdir()) == ["version_0"]
+    assert (earlier / "notes.txt").read_text() == "mine"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import run as bench
+from benchmarks.files import run_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,16 +46,16 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert "## DiEP against each method, paired" in report and "% | evo | " in report
     # the targets are computed from the run, so a re-run never loses them
     assert "## Where each target stands" in report and "DiEP search" in report and "decode full_skip" in report
-    assert json.loads((out / "results.json").read_text())["models"]
+    assert json.loads(run_json(out).read_text())["models"]
     # the report names the checkpoint it measured, so a retrained model shows the report is stale
     sha = hashlib.sha256((Path(tiny_mixtral_dir) / "model.safetensors").read_bytes()).hexdigest()
     assert res["checkpoint_sha256"] == sha and f"sha256 `{sha[:16]}" in report
 
     # --combine merges runs and keeps, per model, the command that measured it
-    other = json.loads((out / "results.json").read_text())
+    other = json.loads(run_json(out).read_text())
     other["command"], other["models"] = "python -m benchmarks.run --seeds 1", {"copy": res}
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "results.json").write_text(json.dumps(other))
+    run_json(tmp_path / "other").parent.mkdir(parents=True)
+    run_json(tmp_path / "other").write_text(json.dumps(other))
     merged = bench.main(["--combine", f"{out},{tmp_path / 'other'}", "--out", str(tmp_path / "merged")])
     assert set(merged["models"]) == {next(iter(results["models"])), "copy"}
     merged_report = (tmp_path / "merged" / "RESULTS.md").read_text()
@@ -71,8 +72,8 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
 
     # a later folder's section replaces an earlier one's, and the replaced run leaves the merged command
     newer = {**other, "command": "python -m benchmarks.run --seeds 2"}
-    (tmp_path / "newer").mkdir()
-    (tmp_path / "newer" / "results.json").write_text(json.dumps(newer))
+    run_json(tmp_path / "newer").parent.mkdir(parents=True)
+    run_json(tmp_path / "newer").write_text(json.dumps(newer))
     remerged = bench.main(["--combine", f"{tmp_path / 'merged'},{tmp_path / 'newer'}", "--out", str(tmp_path / "re")])
     assert remerged["models"]["copy"]["measured_by"] == "python -m benchmarks.run --seeds 2"
     assert "--seeds 1" not in remerged["command"] and results["command"] in remerged["command"]
@@ -83,8 +84,8 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
              "models": {name: {"full": {}, "quality": {}, "decode": {},
                                "cost": {"floor": {"wall_s": 2.0, "peak_rss_mb": 10.0},
                                         "diep": {"wall_s": 3.0, "peak_rss_mb": 12.0}}}}}
-    (tmp_path / "timed").mkdir()
-    (tmp_path / "timed" / "results.json").write_text(json.dumps(timed))
+    run_json(tmp_path / "timed").parent.mkdir(parents=True)
+    run_json(tmp_path / "timed").write_text(json.dumps(timed))
     joined = bench.main(["--combine", f"{out},{tmp_path / 'timed'}", "--out", str(tmp_path / "joined")])
     section = joined["models"][name]
     assert section["quality"] == res["quality"] and section["cost"] == timed["models"][name]["cost"]

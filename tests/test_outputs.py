@@ -214,7 +214,7 @@ def test_a_gpu_run_on_a_machine_without_one_is_refused_before_measuring(name, ca
 def test_the_tuning_proxies_refuse_bad_input_and_append_only_to_a_tuning_log(tmp_path, capsys):
     from benchmarks import tune, tune_merging
 
-    assert tune.tuning_log(Path(tune.__file__).parent / "tuning_results.jsonl")  # the shipped log: its default
+    assert tune.tuning_log(Path(tune.__file__).parent / "results" / "tuning_results.jsonl")  # the shipped log
     users = tmp_path / "notes.txt"
     users.write_text(USERS)
     assert "not a tuning log" in _refused(capsys, lambda: tune.main(["--results", str(users)]), "--results")
