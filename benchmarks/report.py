@@ -79,6 +79,22 @@ def paired_bootstrap(a: list, b: list, task: str, iters: int = 2000, seed: int =
     return point, low, high
 
 
+def same_plan_sentence(res: dict[str, Any], sparsity: str, method: str, base: str, label: str) -> str:
+    """'. <label> against <base> (seed 0, the same plan): ...' with paired intervals, or '' without both rows."""
+    parts = []
+    for task, words in (("kit_wikitext2", "perplexity x"), ("kit_blimp", "BLiMP ")):
+        rows = [[e for e in res["quality"].get(m, {}).get(sparsity, []) if e.get("seed") == 0][:1] for m in (method, base)]
+        docs = [_documents(r, task) if r else None for r in rows]
+        if None in docs or len(docs[0]) != len(docs[1]):
+            continue
+        point, low, high = paired_bootstrap(docs[0], docs[1], task)
+        shown = (f"{point:.3f} [{low:.3f}, {high:.3f}]" if task in LOWER_IS_BETTER else
+                 f"{100 * point:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}]")
+        said = verdict(task, low, high)
+        parts.append(f"{words}{shown} {said}")
+    return f". {label} against {LABELS.get(base, base)} of the same plan (seed 0): {', '.join(parts)}" if parts else ""
+
+
 def verdict(task: str, low: float, high: float) -> str:
     """``better`` / ``worse`` for DiEP when the whole interval says so, else ``within noise``."""
     if task in LOWER_IS_BETTER:  # a perplexity ratio DiEP / method
@@ -170,8 +186,9 @@ def targets_section(results: dict[str, Any]) -> list[str]:
 
                 checks.append(f"- {name} {float(sparsity):.0%}: on perplexity DiEP is {grouped('kit_wikitext2')}. "
                               f"On BLiMP: {grouped('kit_blimp')}"
-                              + (f". Merging {'improves' if ppl['diep_merge'] < ppl['diep'] else 'does not improve'} "
-                                 f"perplexity ({ppl['diep']:.3f} -> {ppl['diep_merge']:.3f})" if "diep_merge" in ppl else "")
+                              + same_plan_sentence(res, sparsity, "diep_merge", "diep", "Merging")
+                              + same_plan_sentence(res, sparsity, "diep_merge_cal", "diep_cal",
+                                                   "Merging + calibration")
                               + ".")
             seed0 = {m: e[0]["metrics"].get("kit_blimp") for m, e in
                      ((m, res["quality"].get(m, {}).get(sparsity, [])) for m in ("diep", "diep_skip")) if e and "metrics" in e[0]}

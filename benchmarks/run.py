@@ -507,7 +507,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int, args: ar
     pending = []
     for model in sorted(models, key=lambda m: -sum(f.stat().st_size for f in Path(m).glob("*.safetensors"))):
         part = part_dir(out, model)
-        done = finished_part(part / "results.json", args, ["quality"]) if args.resume else None
+        done = finished_part(run_json(part), args, ["quality"]) if args.resume else None
         if done is not None:
             gathered.update(done["models"])
             resumed.append(f"{Path(model).name} quality")
@@ -518,7 +518,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int, args: ar
             model = pending.pop(0)
             part = part_dir(out, model)
             part.mkdir(parents=True, exist_ok=True)
-            (part / "results.json").unlink(missing_ok=True)  # the run's own earlier part: stale from here on
+            run_json(part).unlink(missing_ok=True)  # the run's own earlier part: stale from here on
             log = open(part / "log.txt", "w")
             proc = subprocess.Popen([sys.executable, "-m", "benchmarks.run", *base, "--models", model,
                                      "--out", str(part), "--phases", "quality"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -529,7 +529,7 @@ def _parallel(models: list[str], argv: list[str], out: Path, jobs: int, args: ar
                 running.remove((proc, part))
                 if proc.returncode != 0:
                     raise RuntimeError(f"benchmark of {part.name} failed; see {part / 'log.txt'}")
-                gathered.update(json.loads((part / "results.json").read_text())["models"])
+                gathered.update(json.loads(run_json(part).read_text())["models"])
     return {Path(m).name: gathered[Path(m).name] for m in models}
 
 

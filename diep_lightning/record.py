@@ -9,6 +9,7 @@ from typing import Any
 
 from diep_lightning.export_dir import PRUNING_FILE
 from diep_lightning.pruning import PruningPlan, recorded_skipping
+from diep_lightning.serving.plan import PER_LAYER_FIELD
 
 #: 2: skipping is recorded under ``plan.skipping`` (1: ``plan.extra.skip_*``, still read)
 FORMAT_VERSION = 2
@@ -54,6 +55,11 @@ def read_pruning_record(path: str | os.PathLike) -> dict[str, Any]:
     if spec and spec != kept:
         raise ValueError(f"path: {PRUNING_FILE} lists {kept} experts per layer but config.json has {spec}; the "
                          "export was modified or mixed with another one; re-export it")
+    per_layer = config.get(PER_LAYER_FIELD)
+    if per_layer is not None and (not isinstance(per_layer, list) or [c for c in per_layer if c] != kept):
+        shown = _short(per_layer) if isinstance(per_layer, list) else repr(per_layer)
+        raise ValueError(f"{PER_LAYER_FIELD}: config.json of {path} has {shown} (what vLLM builds) but {PRUNING_FILE} "
+                         f"keeps {_short(kept)} experts per MoE layer; the export was modified; re-export it")
     return record
 
 

@@ -122,9 +122,9 @@ def test_an_interrupted_run_resumes_the_parts_it_finished(tiny_mixtral_dir, tiny
         assert first["models"][name]["quality"]["frequency"] and first["models"][name]["cost"]["frequency"]["wall_s"] > 0
     # mark one model's finished parts: a resumed run must take them as they are, and measure the other model anew
     part = out / f".part_{names[0]}"
-    quality = json.loads((part / "results.json").read_text())
+    quality = json.loads(run_json(part).read_text())
     quality["models"][names[0]]["full"]["marker"] = 1
-    (part / "results.json").write_text(json.dumps(quality))
+    run_json(part).write_text(json.dumps(quality))
     timed = json.loads((part / "timed.json").read_text())
     timed["models"][names[0]]["cost"]["floor"]["wall_s"] = 12345.0
     (part / "timed.json").write_text(json.dumps(timed))

@@ -215,3 +215,35 @@ def test_served_skipping_switches_off_and_counts_only_when_asked():
     assert off_w is weights and off_ids is ids and int(state.slots[3]) == ids.numel()
     state.reset_counts()
     assert state.skipped_share() is None and state.experts_read_share() is None
+
+
+def test_an_export_whose_served_counts_disagree_with_its_record_is_refused_in_one_line(tmp_path):
+    """vLLM builds layers from num_experts_per_layer, transformers from diep_layers: an edit to one alone is caught
+    when the export is read (the plugin reads it the same way), naming the field."""
+    from diep_lightning.record import read_pruning_record
+
+    path, plan, config = _export(tmp_path, "mixtral", "global")
+    read_pruning_record(path)
+    edited = [c + 1 if c else c for c in config["num_experts_per_layer"]]
+    (path / "config.json").write_text(json.dumps({**config, "num_experts_per_layer": edited}))
+    with pytest.raises(ValueError, match=r"^num_experts_per_layer: config.json of .* keeps \["):
+        read_pruning_record(path)
+    with pytest.raises(ValueError, match="^num_experts_per_layer:"):
+        load_pruned(path)
+    (path / "config.json").write_text(json.dumps({**config, "num_experts_per_layer": 6}))
+    with pytest.raises(ValueError, match="^num_experts_per_layer: config.json of .* has 6"):
+        read_pruning_record(path)
+
+
+def test_router_weights_of_the_wrong_size_are_refused_before_vllm_loads_them():
+    from diep_lightning.serving.plan import check_router_rows
+
+    counts = [0, 3, 5]
+    good = [("model.layers.1.mlp.gate.weight", torch.zeros(3, 4)), ("model.layers.2.mlp.gate.weight", torch.zeros(5, 4)),
+            ("model.layers.1.mlp.shared_expert_gate.weight", torch.zeros(1, 4)),
+            ("model.layers.0.mlp.gate_proj.weight", torch.zeros(8, 4))]
+    assert [name for name, _ in check_router_rows(iter(good), counts)] == [name for name, _ in good]
+    bad = [("model.layers.2.block_sparse_moe.gate.weight", torch.zeros(4, 4))]
+    with pytest.raises(ValueError, match="^num_experts_per_layer: decoder layer 2 is built with 5 experts but the "
+                                         "weights' router model.layers.2.block_sparse_moe.gate.weight has 4 rows"):
+        list(check_router_rows(iter(bad), counts))

@@ -177,3 +177,18 @@ def test_the_openai_server_serves_an_export_with_transformers_tokens(tmp_path):
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+def test_an_edited_or_damaged_export_is_refused_naming_the_field_or_file(tmp_path):
+    """vLLM builds layers from num_experts_per_layer: an edit to it alone, or a truncated pruning.json, ends in a last
+    line that names the field or the file instead of vLLM's shape assertion or a raw JSONDecodeError."""
+    path = _export(tiny_model("mixtral", **CPU_SHAPE, **FAMILIES["mixtral"]), "tiny", tmp_path / "edited", "global")
+    config = json.loads((path / "config.json").read_text())
+    config["num_experts_per_layer"] = [c + 1 for c in config["num_experts_per_layer"]]
+    (path / "config.json").write_text(json.dumps(config))
+    prompts = prompt_ids(TOKENIZER, 1)
+    assert "num_experts_per_layer: config.json of" in run_child(str(path), prompts, 4, "vllm")["error"]
+    path = _export(tiny_model("mixtral", **CPU_SHAPE, **FAMILIES["mixtral"]), "tiny", tmp_path / "cut", "global")
+    record = path / "pruning.json"
+    record.write_text(record.read_text()[:200])
+    assert "pruning.json is not valid JSON" in run_child(str(path), prompts, 4, "vllm")["error"]

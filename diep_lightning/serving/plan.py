@@ -3,6 +3,8 @@ everywhere): which families it serves, each decoder layer's expert count, and th
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -62,6 +64,25 @@ def served_counts(config: Any, count_attr: str) -> list[int]:
     dense = set(getattr(config, "mlp_only_layers", None) or [])
     step = getattr(config, "decoder_sparse_step", None) or 1
     return [0 if i in dense or (i + 1) % step else count for i in range(layers)]
+
+
+_ROUTER_WEIGHT = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+
+
+def check_router_rows(weights: Iterable[tuple[str, torch.Tensor]], counts: list[int]
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass ``(name, tensor)`` weights through, refusing in one line a router whose rows are not its layer's count
+    (a config edited apart from the weights), before vLLM's own shape assertion would."""
+    for name, tensor in weights:
+        match = _ROUTER_WEIGHT.search(name)
+        if match:
+            layer = int(match.group(1))
+            expected = counts[layer] if layer < len(counts) else None
+            if expected and tensor.shape[0] != expected:
+                raise ValueError(f"{PER_LAYER_FIELD}: decoder layer {layer} is built with {expected} experts but the "
+                                 f"weights' router {name} has {tensor.shape[0]} rows; the config was edited apart "
+                                 "from the weights; re-export the model")
+        yield name, tensor
 
 
 def check_parallelism(counts: list[int], top_k: int | None, expert_parallel_size: int, eplb: bool) -> None:

@@ -9,12 +9,14 @@ own size; weights then load with vLLM's own loader. Registered through the ``vll
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from diep_lightning.serving.plan import (EXPORTED, PADDABLE, SERVED, architecture, check_parallelism, layer_index,
-                                        pad_attention_weights, padded_head_size, served_counts)
+from diep_lightning.serving.plan import (EXPORTED, PADDABLE, SERVED, architecture, check_parallelism,
+                                        check_router_rows, layer_index, pad_attention_weights, padded_head_size,
+                                        served_counts)
 from diep_lightning.serving.skipping import SWITCH, ServedSkipping, layer_thresholds, redirect_skipped
 from diep_lightning.skipping import Thresholds
 
@@ -84,6 +86,18 @@ def fused_moe_layers(model: Any) -> Any:
             yield layer_index(module.layer_name), module
 
 
+def local_record(model_config: Any) -> dict[str, Any] | None:
+    """A local export's ``pruning.json``, checked against its config (one line naming the file or field), or None
+    for a model that is not a local folder with one."""
+    from diep_lightning.export_dir import PRUNING_FILE
+    from diep_lightning.record import read_pruning_record
+
+    folder = Path(str(model_config.model)).expanduser()
+    if not (folder / PRUNING_FILE).is_file():
+        return None
+    return read_pruning_record(folder)
+
+
 def install_skipping(model: Any, model_config: Any, counts: list[int]) -> ServedSkipping:
     """Install the skipping an export's ``pruning.json`` records on each fused-MoE layer's router; returns its
     :class:`ServedSkipping` (no layers when none is recorded or it is off: ``hf_overrides={"diep_skipping": False}``).
@@ -100,7 +114,9 @@ def install_skipping(model: Any, model_config: Any, counts: list[int]) -> Served
     state = ServedSkipping()
     if getattr(model_config.hf_config, SWITCH, True) is False:
         return state
-    record = get_hf_file_to_dict(PRUNING_FILE, model_config.model, getattr(model_config, "revision", None))
+    record = local_record(model_config)
+    if record is None:
+        record = get_hf_file_to_dict(PRUNING_FILE, model_config.model, getattr(model_config, "revision", None))
     thresholds, renormalize = layer_thresholds(record, counts)
     installed = []
     for layer, module in fused_moe_layers(model):
@@ -141,6 +157,7 @@ def _per_layer_class(model_type: str) -> type:
             configs = list({id(c): c for c in (model_config.hf_config, getattr(model_config, "hf_text_config", None))
                             if c is not None}.values())
             counts = served_counts(model_config.hf_config, count_attr)
+            local_record(model_config)  # its one-line refusal of a damaged or edited export
             parallel = vllm_config.parallel_config
             ep = (parallel.tensor_parallel_size * parallel.data_parallel_size
                   if getattr(parallel, "enable_expert_parallel", False) else 1)
@@ -172,10 +189,11 @@ def _per_layer_class(model_type: str) -> type:
                 module.make_layers = make_layers
                 if attention is not None:
                     module.Qwen2MoeAttention = attention
-            self._head_dim, self._padded = head_dim, padded
+            self._head_dim, self._padded, self._counts = head_dim, padded, counts
             self.diep_skipping = install_skipping(self, model_config, counts)
 
         def load_weights(self, weights: Any) -> Any:
+            weights = check_router_rows(weights, self._counts)
             if self._padded != self._head_dim:
                 weights = pad_attention_weights(weights, self._head_dim, self._padded)
             return super().load_weights(weights)
