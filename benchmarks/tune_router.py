@@ -26,6 +26,8 @@ from benchmarks.files import RESULTS, Parser, run_json
 from benchmarks.tune import token_perplexity, tuning_log, wikitext_test
 
 HERE = Path(__file__).resolve().parent
+#: the last 200k characters of tiny-shakespeare: a domain the calibration text (C4, books, speeches) does not hold
+OTHER_DOMAIN = HERE.parents[1] / "shared" / "data" / "train_corpus" / "tinyshakespeare.txt"
 
 
 def diep_scores(model_dir: str, args: Any) -> list[torch.Tensor]:
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sources", default="bundled",
+                        help="comma-separated calibration sources (CalibrationDataModule's: bundled, .txt/.jsonl, folders)")
+    parser.add_argument("--weights", default=None, help="comma-separated share of the sequences from each source")
+    parser.add_argument("--other-domain", default=str(OTHER_DOMAIN) if OTHER_DOMAIN.is_file() else "",
+                        help="held-out text of a domain the calibration does not draw from: its token perplexity is "
+                             "reported beside the held-out KL ('' to skip)")
     parser.add_argument("--tag", default="router")
     parser.add_argument("--results", default=str(RESULTS / "tuning_results.jsonl"))
     args = parser.parse_args(argv)
@@ -64,6 +72,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             settings_from(spec)
     except ValueError as err:
         parser.error(f"--settings: {err}")
+    sources = [s for s in args.sources.split(",") if s]
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        parser.error(f"--weights: comma-separated numbers, one per source; got {args.weights!r}")
+    if weights is not None and len(weights) != len(sources):
+        parser.error(f"--weights: {len(weights)} numbers for {len(sources)} sources")
+    if args.other_domain and not Path(args.other_domain).is_file():
+        parser.error(f"--other-domain: no file at {args.other_domain}")
     parser.model_dir(args.model)
     parser.checked_file(args.results, "--results", tuning_log, "a tuning log (JSON lines of earlier runs)")
     torch.set_num_threads(args.threads)
@@ -76,12 +93,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = torch.tensor(tokenizer(wikitext_test().read_text()[:400_000])["input_ids"][:args.eval_tokens])
     scores = diep_scores(args.model, args)
-    datamodule = bench._datamodule(args.model, args, 42)
+    from diep_lightning.data import CalibrationDataModule
+
+    datamodule = CalibrationDataModule(tokenizer=args.model, sources=sources, weights=weights,
+                                       num_samples=args.num_samples, seq_len=args.seq_len,
+                                       batch_size=args.batch_size, seed=42)
     datamodule.setup()
+    other = (torch.tensor(tokenizer(Path(args.other_domain).read_text()[-200_000:])["input_ids"][:16384])
+             if args.other_domain else None)
+
+    def other_ppl(model: Any) -> float | None:
+        return round(token_perplexity(model, other), 2) if other is not None else None
+
     batches = first_batches(datamodule, 10**6)
-    full_ppl = token_perplexity(load_model(args.model), ids)
+    full = load_model(args.model)
+    full_ppl, full_other = token_perplexity(full, ids), other_ppl(full)
     pruned = prune(load_model(args.model), scores, args.sparsity, "global")
-    pruned_ppl = token_perplexity(pruned.model, ids)
+    pruned_ppl, pruned_other = token_perplexity(pruned.model, ids), other_ppl(pruned.model)
     rows = []
     for spec in settings:
         start = time.perf_counter()
@@ -96,7 +124,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                "wall_s": round(time.perf_counter() - start, 1),
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "full_ppl": round(full_ppl, 2), "pruned_ppl": round(pruned_ppl, 2),
-               "calibrated_ppl": round(token_perplexity(out.model, ids), 2)}
+               "calibrated_ppl": round(token_perplexity(out.model, ids), 2), "sources": sources,
+               "source_weights": weights, "other_domain": Path(args.other_domain).name if other is not None else None,
+               "other_ppl": [full_other, pruned_other, other_ppl(out.model)]}
         row["gap_recovered"] = round((pruned_ppl - row["calibrated_ppl"]) / max(pruned_ppl - full_ppl, 1e-9), 3)
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as handle:
