@@ -81,7 +81,11 @@ def test_tiny_yaml_runs_search_prune_and_export(tiny_mixtral_dir, tmp_path):
     record = json.loads((tmp_path / "export" / "pruning.json").read_text())
     assert sum(len(layer["removed"]) for layer in record["layers"]) == 4
     assert any(layer["merges"] for layer in record["layers"]), "ExpertMerging added on the command line must run"
-    assert (tmp_path / "export" / "README.md").is_file()
+    groups = [g for layer in record["layers"] for g in layer["merges"].values()]
+    assert all(isinstance(g["merged"], bool) and "error_merged" in g for g in groups)
+    assert record["plan"]["merging"]["guard"] is True and record["plan"]["merging"]["weights"] == "usage"
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "- Merged: yes" in card
 
 
 def test_existing_export_dir_fails_before_the_search(tiny_mixtral_dir, tmp_path, capsys):

@@ -184,3 +184,18 @@ def test_merge_settings_refuse_what_cannot_work_in_one_line():
         type(family).unit_layout = layout
     with pytest.raises(ValueError, match="^merge: unknown settings"):
         prune(tiny_model("mixtral"), [torch.arange(8.0)] * 2, 0.5, batches=BATCHES, merge={"alignment": True})
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_aligned_guarded_merging_runs_on_every_family(model_type):
+    batches = [{"input_ids": torch.randint(3, 100, (4, 32), generator=torch.Generator().manual_seed(s))}
+               for s in range(2)]
+    model = tiny_model(model_type).eval()
+    blocks = get_family(model).blocks(model)
+    scores = [torch.arange(b.num_experts, dtype=torch.float32) * (1 + b.index) for b in blocks]
+    out = prune(model, scores, 0.5, "uniform", batches=batches, merge=True)
+    assert out.plan.merging["align"] and out.plan.merging["guard_errors"]
+    for layer in out.plan.merging["guard_errors"]:
+        assert layer["error_guarded"] <= layer["error_pruned"]
+    assert all("weight_cosine" in g for layer in out.plan.merges for g in layer.values())
+    assert torch.isfinite(out.model(input_ids=batches[0]["input_ids"]).logits).all()
