@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     datamodule = CalibrationDataModule(tokenizer=args.model, sources=sources, weights=weights,
                                        num_samples=args.num_samples, seq_len=args.seq_len,
                                        batch_size=args.batch_size, seed=42)
-    datamodule.setup()
+    try:
+        datamodule.setup()
+    except (ValueError, FileNotFoundError) as err:  # a source that cannot be read: one line naming it
+        parser.error(f"--sources: {err}")
     other = (torch.tensor(tokenizer(Path(args.other_domain).read_text()[-200_000:])["input_ids"][:16384])
              if args.other_domain else None)
 

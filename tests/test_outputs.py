@@ -221,7 +221,17 @@ def test_the_tuning_proxies_refuse_bad_input_and_append_only_to_a_tuning_log(tmp
     assert users.read_text() == USERS
     for main in (tune.main, tune_merging.main):
         _refused(capsys, lambda: main(["--model", str(tmp_path / "nothing")]), "--model")
-    _refused(capsys, lambda: tune_merging.main(["--temperatures", "hot"]), "--temperatures")
+    assert "unknown settings" in _refused(capsys, lambda: tune_merging.main(["--settings", '[{"temp": 1}]']),
+                                          "--settings")
+    _refused(capsys, lambda: tune_merging.main(["--sparsities", "half"]), "--sparsities")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    from benchmarks import tune_router
+
+    assert "a binary file" in _refused(capsys, lambda: tune_router.main(["--sources", f"bundled,{binary}",
+                                                                          "--results", str(tmp_path / "log.jsonl")]),
+                                       "--sources")
+    assert not (tmp_path / "log.jsonl").exists()
     with pytest.raises(SystemExit, match="error: --module: not JSON"):
         tune.main(["--module", "{bad"])
 
