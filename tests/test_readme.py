@@ -141,6 +141,9 @@ def _substitute(command: str, export: Path, tmp_path: Path) -> list[str]:
     if args[:3] == ["python", "-m", "benchmarks.tune"]:
         args += ["--epochs", "1", "--num-samples", "8", "--seq-len", "64", "--eval-tokens", "2048",
                  "--results", str(tmp_path / "tuning.jsonl")]
+    if args[:3] == ["python", "-m", "benchmarks.tune_merging"]:
+        args += ["--sparsities", "0.5", "--num-samples", "8", "--seq-len", "64", "--batch-size", "4",
+                 "--heldout-samples", "4", "--results", str(tmp_path / "tuning.jsonl")]
     if args[:3] == ["python", "-m", "benchmarks.tune_router"]:
         args[args.index("--settings") + 1] = '[{"steps": 4, "eval_every": 2}]'
         args += ["--num-samples", "8", "--seq-len", "64", "--eval-tokens", "2048",
