@@ -80,12 +80,16 @@ def test_the_suite_runner_refuses_a_users_report_and_a_folder_without_a_run(tmp_
     (tmp_path / "RESULTS.md").write_text(USERS)
     _refused(capsys, lambda: bench.main(["--out", str(tmp_path)]), "--out")
     (tmp_path / "RESULTS.md").unlink()
-    (tmp_path / "results.json").write_text(json.dumps({"command": "python -m benchmarks.speed"}))
+    from benchmarks.files import run_json
+
+    foreign = run_json(tmp_path)  # where the run's JSON goes: another benchmark's JSON is not replaced
+    foreign.parent.mkdir()
+    foreign.write_text(json.dumps({"command": "python -m benchmarks.speed"}))
     _refused(capsys, lambda: bench.main(["--out", str(tmp_path)]), "--out")
     _refused(capsys, lambda: bench.main(["--combine", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]),
              "--combine")
-    _refused(capsys, lambda: bench.main(["--out", str(tmp_path / "results.json")]), "--out")  # a file
-    assert json.loads((tmp_path / "results.json").read_text()) == {"command": "python -m benchmarks.speed"}
+    _refused(capsys, lambda: bench.main(["--out", str(foreign)]), "--out")  # a file
+    assert json.loads(foreign.read_text()) == {"command": "python -m benchmarks.speed"}
     assert not (tmp_path / "m").exists()
 
 
