@@ -91,8 +91,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     from diep_lightning.pipeline import prune
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    ids = torch.tensor(tokenizer(wikitext_test().read_text()[:400_000])["input_ids"][:args.eval_tokens])
-    scores = diep_scores(args.model, args)
     from diep_lightning.data import CalibrationDataModule
 
     datamodule = CalibrationDataModule(tokenizer=args.model, sources=sources, weights=weights,
@@ -102,6 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         datamodule.setup()
     except (ValueError, FileNotFoundError) as err:  # a source that cannot be read: one line naming it
         parser.error(f"--sources: {err}")
+    ids = torch.tensor(tokenizer(wikitext_test().read_text()[:400_000])["input_ids"][:args.eval_tokens])
+    scores = diep_scores(args.model, args)
     other = (torch.tensor(tokenizer(Path(args.other_domain).read_text()[-200_000:])["input_ids"][:16384])
              if args.other_domain else None)
 
