@@ -45,7 +45,6 @@ class ExpertMerging(PruningStep):
                                       holdout=holdout, shares=shares, max_tokens=max_tokens)
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches <= 0:
             raise ValueError(f"num_batches: must be an integer > 0, got {num_batches!r}")
-        self.temperature, self.max_tokens = self.settings.temperature, self.settings.max_tokens
         self.num_batches = int(num_batches)
         self.groups: list[MergeGroups] = []
 

@@ -24,6 +24,7 @@ from torch import nn
 from diep_lightning.alignment import align_members, check_alignable
 from diep_lightning.calibration import BlockObservation, cka_matrix, expert_outputs, observe_blocks
 from diep_lightning.families import MoEBlock, MoEFamily, get_family
+from diep_lightning.families.base import weighted_average
 from diep_lightning.pruning import PruningPlan
 
 #: ``{survivor: {"members": [survivor, *merged], "weights": [...], "similarity": [...], ...}}`` of one block.
@@ -87,12 +88,6 @@ class MergeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def merge_config(temperature: float, max_tokens: int) -> dict[str, Any]:
-    """Checked temperature and token settings (one line naming the argument otherwise)."""
-    settings = MergeSettings(temperature=temperature, max_tokens=max_tokens)
-    return {"temperature": settings.temperature, "max_tokens": settings.max_tokens}
 
 
 def usage_counts(observation: BlockObservation, num_experts: int) -> torch.Tensor:
@@ -219,9 +214,8 @@ def guard(family: MoEFamily, block: MoEBlock, held: BlockObservation, removed: l
 
     def put(row: int, survivor: int, weights: list[float]) -> None:
         for name, t in tensors.items():
-            stacked = torch.stack([members[survivor][m][name].float() for m in members[survivor]])
-            w = torch.tensor(weights, dtype=torch.float32, device=stacked.device)
-            t[row].copy_((stacked * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(0).to(t.dtype))
+            t[row].copy_(weighted_average(torch.stack([members[survivor][m][name] for m in members[survivor]]),
+                                          weights))
 
     plain = current = error("held")
     for survivor, g in sorted(groups.items()):
@@ -229,14 +223,14 @@ def guard(family: MoEFamily, block: MoEBlock, held: BlockObservation, removed: l
         if "fit" in sets:
             rest = torch.tensor(weights[1:])
             rest = rest / rest.sum() if rest.sum() > 0 else torch.full_like(rest, 1.0 / len(rest))
-            base, trials = error("fit"), {}
-            for share in shares:
-                trials[share] = [share, *((1 - share) * rest).tolist()]
-                put(row, int(survivor), trials[share])
-                trials[share] = (error("fit"), trials[share])
-            share = min(trials, key=lambda k: trials[k][0])
-            if trials[share][0] < base:
-                weights = trials[share][1]
+            candidates = {share: [share, *((1 - share) * rest).tolist()] for share in shares}
+            base, errors = error("fit"), {}
+            for share, candidate in candidates.items():
+                put(row, int(survivor), candidate)
+                errors[share] = error("fit")
+            share = min(errors, key=errors.get)
+            if errors[share] < base:
+                weights = candidates[share]
                 g["weights"], g["survivor_share"] = [float(w) for w in weights], float(share)
         put(row, int(survivor), weights)
         trial = error("held")

@@ -62,6 +62,12 @@ class MoEBlock:
 ScaleProvider = Callable[[int], "torch.Tensor | None"]
 
 
+def weighted_average(stacked: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i weights[i] * stacked[i]``, accumulated in float32, in ``stacked``'s dtype (merging's average)."""
+    w = torch.tensor(list(weights), dtype=torch.float32, device=stacked.device)
+    return (stacked.float() * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(0).to(stacked.dtype)
+
+
 class MoEFamily:
     """Adapter for one transformers MoE family. Subclasses set the class attributes and override only what
     their family does differently.
@@ -315,10 +321,7 @@ class MoEFamily:
             raise ValueError(f"members: the survivor {survivor} must be one of the merged members {list(members)}")
         with torch.no_grad():
             for tensor in self._expert_tensors(block).values():
-                stacked = tensor[list(members)]
-                w = torch.tensor(list(weights), dtype=torch.float32, device=tensor.device)
-                merged = (stacked.float() * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(0)
-                tensor[survivor].copy_(merged.to(tensor.dtype))
+                tensor[survivor].copy_(weighted_average(tensor[list(members)], weights))
 
     # ------------------------------------------------------------------ router calibration
     def calibration_parameters(self, model: nn.Module, block: MoEBlock, group: str) -> dict[str, nn.Parameter]:
