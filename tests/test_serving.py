@@ -247,3 +247,33 @@ def test_router_weights_of_the_wrong_size_are_refused_before_vllm_loads_them():
     with pytest.raises(ValueError, match="^num_experts_per_layer: decoder layer 2 is built with 5 experts but the "
                                          "weights' router model.layers.2.block_sparse_moe.gate.weight has 4 rows"):
         list(check_router_rows(iter(bad), counts))
+
+
+def test_vllms_front_end_refuses_a_bad_export_in_one_line(tmp_path, monkeypatch):
+    """The plugin's config hook runs in the process that makes vLLM's config, before an engine starts: on vLLM's own
+    command line a refusal is the one line it exits with, inside a user's Python an ExportRefused with that line."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from diep_lightning.serving.vllm_models import ExportRefused, _one_line, check_export, vllm_command_line
+
+    path, _, config = _export(tmp_path, "mixtral", "global")
+    served = SimpleNamespace(model=str(path), hf_config=AutoConfig.from_pretrained(path))
+    assert check_export(served, "mixtral") == config["num_experts_per_layer"]
+    with pytest.raises(ValueError, match="^architectures: .* phimoe is not supported yet"):
+        check_export(served, "phimoe")
+    edited = [c + 1 for c in config["num_experts_per_layer"]]
+    (path / "config.json").write_text(json.dumps({**config, "num_experts_per_layer": edited}))
+    served.hf_config = AutoConfig.from_pretrained(path)
+    assert vllm_command_line(["/venv/bin/vllm", "serve"])
+    assert vllm_command_line(["/venv/lib/site-packages/vllm/entrypoints/openai/api_server.py"])
+    assert not vllm_command_line(["my_script.py"]) and not vllm_command_line([])
+    monkeypatch.setattr("sys.argv", ["my_script.py"])
+    with pytest.raises(ExportRefused, match="^num_experts_per_layer: config.json of"), _one_line():
+        check_export(served, "mixtral")
+    monkeypatch.setattr("sys.argv", ["/venv/bin/vllm", "serve"])
+    with pytest.raises(SystemExit) as exited, _one_line():
+        check_export(served, "mixtral")
+    assert str(exited.value.code).startswith("error: num_experts_per_layer: config.json of")
+    assert "\n" not in str(exited.value.code)

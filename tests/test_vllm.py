@@ -192,3 +192,23 @@ def test_an_edited_or_damaged_export_is_refused_naming_the_field_or_file(tmp_pat
     record = path / "pruning.json"
     record.write_text(record.read_text()[:200])
     assert "pruning.json is not valid JSON" in run_child(str(path), prompts, 4, "vllm")["error"]
+    path = _export(tiny_model("phimoe", vocab_size=8192, max_position_embeddings=512), "tiny", tmp_path / "phimoe", "global")
+    assert "architectures: diep_lightning's vLLM plugin serves" in run_child(str(path), prompts, 4, "vllm")["error"]
+
+
+def test_the_openai_server_refuses_an_edited_export_with_one_line_and_no_traceback(tmp_path):
+    """The plugin refuses while vLLM makes its config, before an engine process starts, so the server's output
+    ends in the one line and holds no traceback (vLLM's own log lines above it stay)."""
+    import subprocess
+    import sys
+
+    path = _export(tiny_model("mixtral", **CPU_SHAPE, **FAMILIES["mixtral"]), "tiny", tmp_path / "edited", "global")
+    config = json.loads((path / "config.json").read_text())
+    config["num_experts_per_layer"] = [c + 1 for c in config["num_experts_per_layer"]]
+    (path / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+                           "--host", "127.0.0.1", "--port", "0"], capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "Traceback" not in output, output[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: num_experts_per_layer: config.json of ")

@@ -8,7 +8,10 @@ own size; weights then load with vLLM's own loader. Registered through the ``vll
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +144,75 @@ def install_skipping(model: Any, model_config: Any, counts: list[int]) -> Served
     return state
 
 
+def check_export(model_config: Any, model_type: str) -> list[int]:
+    """Each decoder layer's expert count, once the config and ``pruning.json`` agree (one line naming the field or
+    file otherwise); runs in vLLM's front end before any engine starts, and again where the model is built."""
+    if model_type not in SERVED:
+        raise ValueError(f"architectures: diep_lightning's vLLM plugin serves non-uniform exports of "
+                         f"{', '.join(SERVED)}; {model_type} is not supported yet; export it with --prune.mode=uniform "
+                         "to serve it with stock vLLM")
+    counts = served_counts(model_config.hf_config, SERVED[model_type][2])
+    record = local_record(model_config)  # its one-line refusal of a damaged or edited export
+    if record is not None and getattr(model_config.hf_config, SWITCH, True) is not False:
+        layer_thresholds(record, counts)  # recorded skipping that fits the layers
+    return counts
+
+
+def check_serving(vllm_config: Any, counts: list[int]) -> None:
+    """Refuse parallel settings the per-layer counts cannot take (one line naming the setting)."""
+    parallel = vllm_config.parallel_config
+    ep = (parallel.tensor_parallel_size * parallel.data_parallel_size
+          if getattr(parallel, "enable_expert_parallel", False) else 1)
+    check_parallelism(counts, getattr(vllm_config.model_config.hf_config, "num_experts_per_tok", None), ep,
+                      bool(getattr(parallel, "enable_eplb", False)))
+
+
+class ExportRefused(RuntimeError):
+    """An export the plugin will not serve, raised from ``LLM(...)`` with the one line as its message (not a
+    ValueError: vLLM's config validation would bury that in its own error)."""
+
+
+def vllm_command_line(argv: list[str] | None = None) -> bool:
+    """Whether this process is vLLM's own command line (``vllm serve``, ``python -m vllm.entrypoints...``), where a
+    refusal ends the process with one line; inside a user's Python (``LLM(...)``) it is an exception instead."""
+    first = (sys.argv if argv is None else argv)[:1]
+    if not first:
+        return False
+    path = Path(first[0])
+    return path.name == "vllm" or "vllm/entrypoints" in path.as_posix()
+
+
+@contextlib.contextmanager
+def _one_line() -> Iterator[None]:
+    """A refusal as vLLM's command line's last and only line, or as :class:`ExportRefused` from ``LLM(...)``."""
+    try:
+        yield
+    except ValueError as err:
+        if vllm_command_line():  # a server: the one line is all its user needs (no engine runs yet)
+            raise SystemExit(f"error: {err}") from None
+        raise ExportRefused(str(err)) from None
+
+
+def _front_end_check(model_type: str) -> type:
+    """vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``), run while the engine's config is made: a bad
+    export is refused there, in the calling process, before an engine process starts and prints its traceback."""
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    class Check(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_model_config(model_config: Any) -> None:
+            with _one_line():
+                check_export(model_config, model_type)
+
+        @staticmethod
+        def verify_and_update_config(vllm_config: Any) -> None:
+            with _one_line():
+                check_serving(vllm_config, check_export(vllm_config.model_config, model_type))
+
+    Check.__name__ = architecture(model_type)
+    return Check
+
+
 def _per_layer_class(model_type: str) -> type:
     module_name, causal_name, count_attr = SERVED[model_type]
     module = importlib.import_module(f"vllm.model_executor.models.{module_name}")
@@ -156,13 +228,8 @@ def _per_layer_class(model_type: str) -> type:
                 padded = padded_head_size(head_dim, _supported_head_sizes())
             configs = list({id(c): c for c in (model_config.hf_config, getattr(model_config, "hf_text_config", None))
                             if c is not None}.values())
-            counts = served_counts(model_config.hf_config, count_attr)
-            local_record(model_config)  # its one-line refusal of a damaged or edited export
-            parallel = vllm_config.parallel_config
-            ep = (parallel.tensor_parallel_size * parallel.data_parallel_size
-                  if getattr(parallel, "enable_expert_parallel", False) else 1)
-            check_parallelism(counts, getattr(model_config.hf_config, "num_experts_per_tok", None), ep,
-                              bool(getattr(parallel, "enable_eplb", False)))
+            counts = check_export(model_config, model_type)
+            check_serving(vllm_config, counts)
 
             def build_layer(layer_fn: Any, prefix: str) -> Any:
                 count = counts[layer_index(prefix)]
@@ -203,13 +270,15 @@ def _per_layer_class(model_type: str) -> type:
 
 
 def _refusing_class(model_type: str) -> type:
-    class Refused:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise ValueError(
-                f"architectures: diep_lightning's vLLM plugin serves non-uniform exports of {', '.join(SERVED)}; "
-                f"{model_type} is not supported yet; export it with --prune.mode=uniform to serve it with stock vLLM")
+    """A class vLLM's registry inspects as a text-generation model (a stock one's subclass), so that the plugin's
+    config hook, not vLLM's "does not support --runner generate", is what refuses a family it does not serve."""
+    from vllm.model_executor.models.mixtral import MixtralForCausalLM
 
-    Refused.__name__ = architecture(model_type)
+    class Refused(MixtralForCausalLM):
+        def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+            check_export(vllm_config.model_config, model_type)  # refuses: the family is not served
+
+    Refused.__name__ = Refused.__qualname__ = architecture(model_type)
     return Refused
 
 
@@ -226,9 +295,11 @@ def __getattr__(name: str) -> type:
 def register() -> None:
     """The ``vllm.general_plugins`` hook: make vLLM resolve every ``DiEP*`` architecture to this module."""
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     supported = set(ModelRegistry.get_supported_archs())
     for model_type in EXPORTED:
         name = architecture(model_type)
         if name not in supported:
             ModelRegistry.register_model(name, f"diep_lightning.serving.vllm_models:{name}")
+        MODELS_CONFIG_MAP.setdefault(name, _front_end_check(model_type))
