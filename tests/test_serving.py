@@ -277,3 +277,9 @@ def test_vllms_front_end_refuses_a_bad_export_in_one_line(tmp_path, monkeypatch)
         check_export(served, "mixtral")
     assert str(exited.value.code).startswith("error: num_experts_per_layer: config.json of")
     assert "\n" not in str(exited.value.code)
+    (path / "config.json").write_text(json.dumps(config))
+    served.hf_config = AutoConfig.from_pretrained(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(ValueError, match="^model.safetensors: .* is cut short or damaged"):
+        check_export(served, "mixtral")

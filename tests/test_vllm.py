@@ -196,19 +196,24 @@ def test_an_edited_or_damaged_export_is_refused_naming_the_field_or_file(tmp_pat
     assert "architectures: diep_lightning's vLLM plugin serves" in run_child(str(path), prompts, 4, "vllm")["error"]
 
 
-def test_the_openai_server_refuses_an_edited_export_with_one_line_and_no_traceback(tmp_path):
+def test_the_openai_server_refuses_a_bad_export_with_one_line_and_no_traceback(tmp_path):
     """The plugin refuses while vLLM makes its config, before an engine process starts, so the server's output
-    ends in the one line and holds no traceback (vLLM's own log lines above it stay)."""
+    ends in the one line and holds no traceback (vLLM's own log lines above it stay): an edited per-layer count and
+    a weight file cut short."""
     import subprocess
     import sys
 
-    path = _export(tiny_model("mixtral", **CPU_SHAPE, **FAMILIES["mixtral"]), "tiny", tmp_path / "edited", "global")
-    config = json.loads((path / "config.json").read_text())
+    edited = _export(tiny_model("mixtral", **CPU_SHAPE, **FAMILIES["mixtral"]), "tiny", tmp_path / "edited", "global")
+    config = json.loads((edited / "config.json").read_text())
     config["num_experts_per_layer"] = [c + 1 for c in config["num_experts_per_layer"]]
-    (path / "config.json").write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
-                           "--host", "127.0.0.1", "--port", "0"], capture_output=True, text=True, timeout=600)
-    output = done.stdout + done.stderr
-    assert done.returncode != 0
-    assert "Traceback" not in output, output[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("error: num_experts_per_layer: config.json of ")
+    (edited / "config.json").write_text(json.dumps(config))
+    cut = _export(tiny_model("mixtral", **CPU_SHAPE, **FAMILIES["mixtral"]), "tiny", tmp_path / "cut", "global")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:-4096])
+    for path, line in ((edited, "error: num_experts_per_layer: config.json of "),
+                       (cut, "error: model.safetensors: ")):
+        done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+                               "--host", "127.0.0.1", "--port", "0"], capture_output=True, text=True, timeout=600)
+        output = done.stdout + done.stderr
+        assert done.returncode != 0
+        assert "Traceback" not in output, output[-3000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(line), output[-1000:]

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from diep_lightning.loading import check_weight_files
 from diep_lightning.serving.plan import (EXPORTED, PADDABLE, SERVED, architecture, check_parallelism,
                                         check_router_rows, layer_index, pad_attention_weights, padded_head_size,
                                         served_counts)
@@ -155,6 +156,9 @@ def check_export(model_config: Any, model_type: str) -> list[int]:
     record = local_record(model_config)  # its one-line refusal of a damaged or edited export
     if record is not None and getattr(model_config.hf_config, SWITCH, True) is not False:
         layer_thresholds(record, counts)  # recorded skipping that fits the layers
+    folder = Path(str(model_config.model)).expanduser()
+    if folder.is_dir():
+        check_weight_files(folder)
     return counts
 
 
