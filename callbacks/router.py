@@ -38,14 +38,33 @@ class RouterCalibration(PruningStep):
         patience: held-out scores without improvement before stopping.
         num_batches: calibration batches taken from the datamodule's train loader (None: all of them).
         seed: order of the training sequences.
+        sources: text to calibrate on instead of the search's (the datamodule's ``sources``: files, folders,
+            ``"bundled"``), drawn with the datamodule's tokenizer, ``seq_len`` and seed: calibrate on text like the
+            text the model will serve; what calibration gives back follows the domain of its text
+            (benchmarks/TUNING.md, "Router calibration").
+        weights: share of the sequences from each of ``sources``.
+        num_samples: sequences drawn from ``sources`` (None: the datamodule's ``num_samples``).
     """
 
     order = 20
 
     def __init__(self, groups: list[str] | None = None, steps: int = 300, lr: float = 3e-3,
                  temperature: float = 1.0, top_k_logits: int = 256, batch_size: int = 4, holdout: float = 0.125,
-                 eval_every: int = 25, patience: int = 3, num_batches: int | None = None, seed: int = 0) -> None:
+                 eval_every: int = 25, patience: int = 3, num_batches: int | None = None, seed: int = 0,
+                 sources: list[str] | str | None = None, weights: list[float] | None = None,
+                 num_samples: int | None = None) -> None:
         super().__init__()
+        from diep_lightning.sampling import _check_args
+
+        if sources is None and (weights is not None or num_samples is not None):
+            raise ValueError(f"{'weights' if weights is not None else 'num_samples'}: applies to the callback's own "
+                             "sources; give sources too (or set them on the datamodule)")
+        if sources is not None:  # files that are not there or not text: refused before the model loads
+            self.sources, self.weights = _check_args(sources, weights, 1 if num_samples is None else num_samples, 1, 0,
+                                                     "concat", "text")
+        else:
+            self.sources = self.weights = None
+        self.num_samples = num_samples
         self.settings = RouterCalibrationSettings(
             groups=RouterCalibrationSettings.groups if groups is None else groups, steps=steps, lr=lr,
             temperature=temperature, top_k_logits=top_k_logits, batch_size=batch_size, holdout=holdout,
@@ -76,12 +95,29 @@ class RouterCalibration(PruningStep):
         from diep_lightning.data import first_batches
 
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "calibration_tokens"):
+        if self.sources is not None:
+            tokens = self.own_tokens(datamodule)
+        elif not hasattr(datamodule, "calibration_tokens"):
             return first_batches(datamodule, self.num_batches or 10**9)
-        tokens = datamodule.calibration_tokens()
+        else:
+            tokens = datamodule.calibration_tokens()
         if self.num_batches is not None:
             tokens = tokens[: self.num_batches * datamodule.batch_size]
         return [{"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}]
+
+    def own_tokens(self, datamodule: Any) -> torch.Tensor:
+        """``(num_samples, seq_len)`` sequences from the callback's ``sources``, with the datamodule's tokenizer."""
+        from diep_lightning.data import CalibrationDataModule
+
+        if not hasattr(datamodule, "tokenizer"):
+            raise ValueError("sources: RouterCalibration draws its own text with the CalibrationDataModule's tokenizer; "
+                             "use that datamodule")
+        own = CalibrationDataModule(sources=self.sources, weights=self.weights,
+                                    num_samples=self.num_samples or datamodule.num_samples, seq_len=datamodule.seq_len,
+                                    batch_size=datamodule.batch_size, seed=datamodule.seed,
+                                    text_field=datamodule.text_field)
+        own.set_tokenizer(datamodule.tokenizer)
+        return own.calibration_tokens()
 
     def on_experts_selected(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                             plan: PruningPlan) -> None:
@@ -90,6 +126,7 @@ class RouterCalibration(PruningStep):
     def on_experts_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                            plan: PruningPlan) -> None:
         plan.router_calibration = self.record = self.calibrate(trainer, model)
+        self.record["sources"] = list(self.sources) if self.sources is not None else "the search's calibration text"
         self.teacher = None  # the teacher's logits are not needed any more
         kl = (self.record["heldout_kl_before"], self.record["heldout_kl_after"])
         print(f"[diep_lightning] routers calibrated ({self.record['parameters']:,} parameters, "

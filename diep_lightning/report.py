@@ -72,7 +72,8 @@ def model_card(source: str, plan: PruningPlan, counts: list[int], before: dict[s
     pct = lambda a, b: f"{100.0 * (1 - a / b):.1f}%" if b else "n/a"  # noqa: E731
     cal = plan.router_calibration
     router = (f"yes ({', '.join(cal['settings']['groups'])}; {cal['parameters']:,} parameters, {cal['steps_run']} "
-              f"steps; held-out KL to the source model {cal['heldout_kl_before']:.4f} -> {cal['heldout_kl_after']:.4f})"
+              f"steps; held-out KL to the source model {cal['heldout_kl_before']:.4f} -> {cal['heldout_kl_after']:.4f}"
+              + (f"; on {', '.join(map(str, cal['sources']))}" if isinstance(cal.get("sources"), list) else "") + ")"
               if cal else "no")
     return f"""---
 library_name: transformers

@@ -152,3 +152,21 @@ def test_pruning_steps_run_in_the_pipelines_order_whatever_the_list_order():
     ordered = pruning_steps(SimpleNamespace(callbacks=listed))
     assert [type(c).__name__ for c in ordered] == ["ExpertMerging", "RouterCalibration", "SkipCalibration",
                                                    "LmEvalValidation"]
+
+
+def test_the_callback_calibrates_on_its_own_sources_with_the_datamodules_tokenizer(tmp_path):
+    """``sources`` replaces the search's text for calibration only: the sequences come from the given file, cut by
+    the datamodule's tokenizer and seq_len, and the record says which text it was."""
+    from diep_lightning.callbacks import RouterCalibration
+    from diep_lightning.data import CalibrationDataModule
+
+    serving = tmp_path / "serving.txt"
+    serving.write_text("The zebra crossed the quartz river at dawn. " * 400)
+    datamodule = CalibrationDataModule(tokenizer="models/tiny-mixtral", num_samples=8, seq_len=32, batch_size=4)
+    callback = RouterCalibration(sources=[str(serving)], num_samples=3)
+    tokens = callback.own_tokens(datamodule)
+    assert tuple(tokens.shape) == (3, 32)
+    text = datamodule.tokenizer.decode(tokens[0])
+    assert "zebra" in text and "quartz" in text
+    assert not torch.equal(tokens, datamodule.calibration_tokens()[:3])
+    assert RouterCalibration().sources is None
