@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 #: rows that calibrate the routers after the named method's pruning (``<method>_cal``)
-CALIBRATED_ROWS = ("diep_cal", "diep_merge_cal", "evo_cal", "reap_global_norm_cal", "greedy_lazy_cal")
+CALIBRATED_ROWS = ("diep_cal", "diep_merge_cal", "evo_cal", "reap_global_norm_cal", "greedy_lazy_cal", "diep_domain_cal")
+#: the uncalibrated row each calibrated row is paired with, where it is not the name without ``_cal``
+CALIBRATED_BASE = {"diep_domain_cal": "diep"}
+#: ``diep_domain_cal``: DiEP's seed-0 plan calibrated on the evaluation domain's own validation split (WikiText-2
+#: validation; the test articles it is scored on stay unseen): what a user gets who calibrates on their serving text
+DOMAIN_TEXT = "wikitext2_valid.txt"
 
 TASKS = ["kit_wikitext2", "kit_blimp", "kit_arc_easy", "kit_piqa", "kit_hellaswag", "kit_copa", "kit_lambada"]
 HEADLINE = {"kit_wikitext2": "word_perplexity", "kit_blimp": "acc", "kit_arc_easy": "acc", "kit_piqa": "acc",

@@ -35,8 +35,8 @@ import torch
 from benchmarks.files import Parser, a_run_of, run_json
 from benchmarks.report import (_documents, _summary, comparisons, machine, paired_bootstrap,  # noqa: F401
                                plot, targets_section, verdict, write_report)
-from benchmarks.rows import (BASELINES, CALIBRATED_ROWS, COMPARED, COST_ROWS, HEADLINE, LOWER_IS_BETTER,  # noqa: F401
-                             QUALITY_ROWS, TASKS)
+from benchmarks.rows import (BASELINES, CALIBRATED_ROWS, COMPARED, COST_ROWS, DOMAIN_TEXT, HEADLINE,  # noqa: F401
+                             LOWER_IS_BETTER, QUALITY_ROWS, TASKS)
 from diep_lightning.outputs import is_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------- searching
+def domain_text() -> Path:
+    """The evaluation domain's validation text (``diep_domain_cal``), next to the checkout's shared data."""
+    return REPO.parent / "shared" / "data" / "train_corpus" / DOMAIN_TEXT
+
+
 def _datamodule(model_dir: str, args: argparse.Namespace, seed: int):
     from diep_lightning.data import CalibrationDataModule
 
@@ -193,9 +198,10 @@ def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[
 
 # ---------------------------------------------------------------------------------------------- pruning
 def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str, datamodule: Any = None,
-          merge: Any = False, skip: bool = False, calibrate: bool = False):
+          merge: Any = False, skip: bool = False, calibrate: bool = False, router_data: Any = None):
     """A fresh copy of the model pruned with ``scores`` by the library's :func:`diep_lightning.prune`; with
-    ``calibrate`` its routers are calibrated (default settings) on all the datamodule's calibration text."""
+    ``calibrate`` its routers are calibrated (default settings) on all the calibration text of ``router_data``
+    (default: the datamodule's)."""
     from diep_lightning.data import first_batches
     from diep_lightning.loading import load_model
     from diep_lightning.pipeline import prune as prune_model
@@ -204,7 +210,7 @@ def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str
     pruned = prune_model(load_model(model_dir), scores, sparsity, mode, batches=batches,
                          merge=merge or None, skip=skip,
                          calibrate_router=calibrate or None,
-                         router_batches=first_batches(datamodule, 10**9) if calibrate else ())
+                         router_batches=first_batches(router_data or datamodule, 10**9) if calibrate else ())
     return pruned.model, pruned.plan, pruned.after, pruned.skipping
 
 
@@ -306,7 +312,7 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         # (DiEP refined by the evolutionary allocation needs only the first seed's search)
         diep_rows = wanted("diep", "diep_uniform", "diep_cal")  # the other DiEP rows need only the first seed
         for seed in seeds if diep_rows else seeds[:1] if wanted("diep_evo", "diep_merge", "diep_merge_cal",
-                                                                 "diep_skip") else []:
+                                                                 "diep_skip", "diep_domain_cal") else []:
             module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
             diep_modules[seed] = (module.expert_scores(), datamodule)
             for sparsity in sparsities:
@@ -333,6 +339,15 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
             if wanted("diep_skip"):
                 model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, skip=True)
                 record("diep_skip", sparsity, seeds[0], model, plan, sizes)
+            if wanted("diep_domain_cal") and domain_text().is_file():
+                from diep_lightning.data import CalibrationDataModule
+
+                data = CalibrationDataModule(tokenizer=model_dir, sources=[str(domain_text())],
+                                             num_samples=args.num_samples, seq_len=args.seq_len,
+                                             batch_size=args.batch_size, seed=42)
+                model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, calibrate=True,
+                                              router_data=data)
+                record("diep_domain_cal", sparsity, seeds[0], model, plan, sizes)
         # DiEP's ranking within each layer, its allocation refined by the EvoESAP-style search
         for sparsity in sparsities if diep_modules and wanted("diep_evo") else []:
             with tempfile.TemporaryDirectory() as tmp:
