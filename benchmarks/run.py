@@ -339,7 +339,10 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
             if wanted("diep_skip"):
                 model, plan, sizes, _ = prune(model_dir, scores0, sparsity, "global", dm0, skip=True)
                 record("diep_skip", sparsity, seeds[0], model, plan, sizes)
-            if wanted("diep_domain_cal") and domain_text().is_file():
+            if wanted("diep_domain_cal") and not domain_text().is_file():
+                result["quality"].setdefault("diep_domain_cal", {})[str(sparsity)] = [
+                    {"refused": f"no evaluation-domain text at {domain_text()} (../shared/data next to the checkout)"}]
+            elif wanted("diep_domain_cal"):
                 from diep_lightning.data import CalibrationDataModule
 
                 data = CalibrationDataModule(tokenizer=model_dir, sources=[str(domain_text())],
