@@ -210,8 +210,10 @@ def _front_end_check(model_type: str) -> type:
 
         @staticmethod
         def verify_and_update_config(vllm_config: Any) -> None:
+            """The parallel settings only: the export itself was checked with the model config just before."""
             with _one_line():
-                check_serving(vllm_config, check_export(vllm_config.model_config, model_type))
+                counts = served_counts(vllm_config.model_config.hf_config, SERVED[model_type][2])
+                check_serving(vllm_config, counts)
 
     Check.__name__ = architecture(model_type)
     return Check
