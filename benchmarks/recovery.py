@@ -79,7 +79,8 @@ def recovery_section(results: dict[str, Any]) -> list[str]:
                 kl_cell = (f"{sum(r['heldout_kl_before'] for r in kl) / len(kl):.4f} -> "
                            f"{sum(r['heldout_kl_after'] for r in kl) / len(kl):.4f}" if kl else "n/a")
                 secs = f"{sum(r['seconds'] for r in kl) / len(kl):.0f}" if kl else "n/a"
-                label = f"{base_row} (on WikiText-2 validation)" if cal_row == "diep_domain_cal" else base_row
+                label = {"diep_domain_cal": f"{base_row} (on WikiText-2 validation)",
+                         "diep_search_cal": f"{base_row} (on the search's C4 text)"}.get(cal_row, base_row)
                 lines.append(f"| {name} | {float(sparsity):.0%} | {label} | {p_base / full['kit_wikitext2']:.3f} -> "
                              f"{p_cal / full['kit_wikitext2']:.3f} | {gap:.0%} | "
                              f"{_cell('kit_wikitext2', ppl, run.LOWER_IS_BETTER)} | "

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 #: rows that calibrate the routers after the named method's pruning (``<method>_cal``)
-CALIBRATED_ROWS = ("diep_cal", "diep_merge_cal", "evo_cal", "reap_global_norm_cal", "greedy_lazy_cal", "diep_domain_cal")
+CALIBRATED_ROWS = ("diep_cal", "diep_merge_cal", "evo_cal", "reap_global_norm_cal", "greedy_lazy_cal", "diep_domain_cal",
+                   "diep_search_cal")
 #: the uncalibrated row each calibrated row is paired with, where it is not the name without ``_cal``
-CALIBRATED_BASE = {"diep_domain_cal": "diep"}
+CALIBRATED_BASE = {"diep_domain_cal": "diep", "diep_search_cal": "diep"}
+#: ``diep_search_cal``: DiEP's seed-0 plan calibrated on the search's own text (C4) instead of the default, text
+#: sampled from the model itself
 #: ``diep_domain_cal``: DiEP's seed-0 plan calibrated on the evaluation domain's own validation split (WikiText-2
 #: validation; the test articles it is scored on stay unseen): what a user gets who calibrates on their serving text
 DOMAIN_TEXT = "wikitext2_valid.txt"

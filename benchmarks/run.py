@@ -200,17 +200,26 @@ def measure_cost(model_dir: str, method: str, args: argparse.Namespace) -> dict[
 def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str, datamodule: Any = None,
           merge: Any = False, skip: bool = False, calibrate: bool = False, router_data: Any = None):
     """A fresh copy of the model pruned with ``scores`` by the library's :func:`diep_lightning.prune`; with
-    ``calibrate`` its routers are calibrated (default settings) on all the calibration text of ``router_data``
-    (default: the datamodule's)."""
+    ``calibrate`` its routers are calibrated (default settings) on ``RouterCalibration``'s default text, as many
+    sequences sampled from the model before pruning as the datamodule holds, or on all the calibration text of
+    ``router_data`` (a datamodule, or "search": the datamodule's own)."""
     from diep_lightning.data import first_batches
     from diep_lightning.loading import load_model
     from diep_lightning.pipeline import prune as prune_model
+    from diep_lightning.router_calibration import sample_sequences, start_token
 
     batches = first_batches(datamodule, 4) if datamodule is not None else []
-    pruned = prune_model(load_model(model_dir), scores, sparsity, mode, batches=batches,
-                         merge=merge or None, skip=skip,
-                         calibrate_router=calibrate or None,
-                         router_batches=first_batches(router_data or datamodule, 10**9) if calibrate else ())
+    model = load_model(model_dir)
+    if not calibrate:
+        router_batches = ()
+    elif router_data is None:  # the default: the model's own samples
+        tokens = sample_sequences(model, datamodule.num_samples, datamodule.seq_len, start_token(model),
+                                  seed=datamodule.seed)
+        router_batches = [{"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}]
+    else:
+        router_batches = first_batches(datamodule if router_data == "search" else router_data, 10**9)
+    pruned = prune_model(model, scores, sparsity, mode, batches=batches, merge=merge or None, skip=skip,
+                         calibrate_router=calibrate or None, router_batches=router_batches)
     return pruned.model, pruned.plan, pruned.after, pruned.skipping
 
 
@@ -312,7 +321,8 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         # (DiEP refined by the evolutionary allocation needs only the first seed's search)
         diep_rows = wanted("diep", "diep_uniform", "diep_cal")  # the other DiEP rows need only the first seed
         for seed in seeds if diep_rows else seeds[:1] if wanted("diep_evo", "diep_merge", "diep_merge_cal",
-                                                                 "diep_skip", "diep_domain_cal") else []:
+                                                                 "diep_skip", "diep_domain_cal",
+                                                                 "diep_search_cal") else []:
             module, datamodule = search(model_dir, "diep", args, data_seed=42 + seed)
             diep_modules[seed] = (module.expert_scores(), datamodule)
             for sparsity in sparsities:
@@ -323,6 +333,10 @@ def run_model(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
                     model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global", datamodule,
                                                   calibrate=True)
                     record("diep_cal", sparsity, seed, model, plan, sizes)
+                if seed == seeds[0] and wanted("diep_search_cal"):  # the search's own text (C4), one seed
+                    model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "global", datamodule,
+                                                  calibrate=True, router_data="search")
+                    record("diep_search_cal", sparsity, seed, model, plan, sizes)
                 if seed == seeds[0] and wanted("diep_uniform"):  # the uniform ablation: one seed
                     model, plan, sizes, _ = prune(model_dir, module.expert_scores(), sparsity, "uniform")
                     record("diep_uniform", sparsity, seed, model, plan, sizes)

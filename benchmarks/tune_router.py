@@ -8,7 +8,13 @@ WikiText-2 token perplexity of the full, pruned and calibrated models is printed
         --settings '[{"lr": 1e-3}, {"lr": 3e-3}, {"lr": 3e-3, "groups": ["router", "norm"]}]'
 
 DiEP's scores are those of ``benchmarks/results/run.json`` (its seed-0 search) where that file has the model, else a
-fresh seed-0 search. Calibration text: C4 train windows of the benchmark (``--num-samples`` x ``--seq-len``).
+fresh seed-0 search. Calibration text: C4 train windows of the benchmark (``--num-samples`` x ``--seq-len``), other
+``--sources``, or ``generated`` (sequences sampled from the full model, ``RouterCalibration``'s default).
+
+The calibration-side score that chooses between texts is the **panel KL**: the full-vocabulary KL from the full model
+to the calibrated one on held-out windows of each domain the model was trained on (``../shared/data/train_corpus``:
+C4 validation, WikiText-2 validation, tiny-shakespeare, a Gutenberg novel, State-of-the-Union addresses; the last
+stretch of each, which no calibration source here draws from), and their mean.
 """
 
 from __future__ import annotations
@@ -27,7 +33,37 @@ from benchmarks.tune import token_perplexity, tuning_log, wikitext_test
 
 HERE = Path(__file__).resolve().parent
 #: the last 200k characters of tiny-shakespeare: a domain the calibration text (C4, books, speeches) does not hold
-OTHER_DOMAIN = HERE.parents[1] / "shared" / "data" / "train_corpus" / "tinyshakespeare.txt"
+CORPUS = HERE.parents[1] / "shared" / "data" / "train_corpus"
+OTHER_DOMAIN = CORPUS / "tinyshakespeare.txt"
+
+
+def panel_texts() -> dict[str, str]:
+    """The held-out end of each training domain (the panel KL's text); {} where ../shared/data is missing."""
+    if not CORPUS.is_dir():
+        return {}
+    c4 = [json.loads(line)["text"] for line in (CORPUS / "c4_en_validation_2k.jsonl").open()][-200:]
+    union = sorted((CORPUS / "state_union").iterdir())[-3:]
+    return {"c4_validation": "\n\n".join(c4), "wikitext2_validation": (CORPUS / "wikitext2_valid.txt").read_text()[-200_000:],
+            "shakespeare": (CORPUS / "tinyshakespeare.txt").read_text()[-200_000:],
+            "gutenberg": (CORPUS / "gutenberg" / "austen-persuasion.txt").read_text()[-200_000:],
+            "state_union": "".join(p.read_text(errors="ignore") for p in union)[-200_000:]}
+
+
+@torch.no_grad()
+def panel_kl(full: Any, model: Any, panel: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean full-vocabulary KL(full || model) per token on each domain's windows, and their mean."""
+    out = {}
+    for name, windows in panel.items():
+        total = 0.0
+        for start in range(0, len(windows), 8):
+            x = windows[start:start + 8]
+            p = torch.log_softmax(full(input_ids=x, use_cache=False).logits.float(), -1)
+            q = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)
+            total += float((p.exp() * (p - q)).sum())
+        out[name] = round(total / windows.numel(), 4)
+    if out:
+        out["mean"] = round(sum(out.values()) / len(out), 4)
+    return out
 
 
 def diep_scores(model_dir: str, args: Any) -> list[torch.Tensor]:
@@ -54,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sources", default="bundled",
-                        help="comma-separated calibration sources (CalibrationDataModule's: bundled, .txt/.jsonl, folders)")
+                        help="comma-separated calibration sources: generated (the full model's own samples) or CalibrationDataModule's (bundled, .txt/.jsonl, folders)")
     parser.add_argument("--weights", default=None, help="comma-separated share of the sequences from each source")
     parser.add_argument("--other-domain", default=str(OTHER_DOMAIN) if OTHER_DOMAIN.is_file() else "",
                         help="held-out text of a domain the calibration does not draw from: its token perplexity is "
@@ -93,8 +129,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     from diep_lightning.data import CalibrationDataModule
 
-    datamodule = CalibrationDataModule(tokenizer=args.model, sources=sources, weights=weights,
-                                       num_samples=args.num_samples, seq_len=args.seq_len,
+    from diep_lightning.router_calibration import sample_sequences, start_token
+    from diep_lightning.sampling import _allocate
+
+    counts = _allocate(args.num_samples, weights or [1.0] * len(sources))
+    generated = sum(c for s, c in zip(sources, counts) if s == "generated")
+    text = [(s, c) for s, c in zip(sources, counts) if s != "generated"]
+    datamodule = CalibrationDataModule(tokenizer=args.model, sources=[s for s, _ in text] or ["bundled"],
+                                       weights=[float(c) for _, c in text] if text else None,
+                                       num_samples=max(1, args.num_samples - generated), seq_len=args.seq_len,
                                        batch_size=args.batch_size, seed=42)
     try:
         datamodule.setup()
@@ -108,11 +151,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     def other_ppl(model: Any) -> float | None:
         return round(token_perplexity(model, other), 2) if other is not None else None
 
-    batches = first_batches(datamodule, 10**6)
     full = load_model(args.model)
+    batches = first_batches(datamodule, 10**6) if text else []
+    if generated:  # the full model's own samples, shuffled in with the text so the held-out tail has both
+        tokens = sample_sequences(full, generated, args.seq_len, start_token(full, tokenizer), seed=42)
+        tokens = torch.cat([tokens, *[b["input_ids"] for b in batches]])
+        tokens = tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(42))]
+        batches = [{"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}]
+    panel = {k: torch.tensor(tokenizer(v)["input_ids"][:8192]).view(-1, 256) for k, v in panel_texts().items()}
     full_ppl, full_other = token_perplexity(full, ids), other_ppl(full)
     pruned = prune(load_model(args.model), scores, args.sparsity, "global")
     pruned_ppl, pruned_other = token_perplexity(pruned.model, ids), other_ppl(pruned.model)
+    pruned_panel = panel_kl(full, pruned.model, panel)
     rows = []
     for spec in settings:
         start = time.perf_counter()
@@ -129,7 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                "full_ppl": round(full_ppl, 2), "pruned_ppl": round(pruned_ppl, 2),
                "calibrated_ppl": round(token_perplexity(out.model, ids), 2), "sources": sources,
                "source_weights": weights, "other_domain": Path(args.other_domain).name if other is not None else None,
-               "other_ppl": [full_other, pruned_other, other_ppl(out.model)]}
+               "other_ppl": [full_other, pruned_other, other_ppl(out.model)],
+               "panel_kl": [pruned_panel, panel_kl(full, out.model, panel)]}
         row["gap_recovered"] = round((pruned_ppl - row["calibrated_ppl"]) / max(pruned_ppl - full_ppl, 1e-9), 3)
         print(json.dumps(row), flush=True)
         with open(args.results, "a") as handle:

@@ -11,7 +11,34 @@ import torch
 from diep_lightning.callbacks.step import PruningStep
 from diep_lightning.pruning import PruningPlan
 from diep_lightning.router_calibration import (RouterCalibrationSettings, TeacherTargets, calibrate_routers,
-                                               capture_teacher)
+                                               capture_teacher, sample_sequences, start_token)
+from diep_lightning.sampling import _allocate
+
+#: calibration sources that are not files: the original model's own samples, the search's text
+TEXT_KEYWORDS = ("generated", "search")
+
+
+def check_text(sources: list[str] | str, weights: list[float] | None, num_samples: int | None
+               ) -> tuple[list[str], list[float]]:
+    """(sources, normalised weights), refused in one line naming the argument before the model loads."""
+    from diep_lightning.documents import check_source, normalize_sources
+
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 2):
+        raise ValueError(f"num_samples: must be an integer >= 2 (one sequence is held out), got {num_samples!r}")
+    sources = normalize_sources(sources)
+    if weights is None:
+        weights = [1.0] * len(sources)
+    weights = [weights] if isinstance(weights, (int, float)) else list(weights)
+    if len(weights) != len(sources):
+        raise ValueError(f"weights: {len(weights)} entries for {len(sources)} sources {sources}; give one per source")
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf")
+           for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights: must be finite numbers >= 0 with a positive sum, got {weights}")
+    for i, source in enumerate(sources):
+        if source not in TEXT_KEYWORDS:  # files that are not there or not text
+            check_source(source, i)
+    return sources, [float(w) / sum(weights) for w in weights]
 
 
 class RouterCalibration(PruningStep):
@@ -38,12 +65,14 @@ class RouterCalibration(PruningStep):
         patience: held-out scores without improvement before stopping.
         num_batches: calibration batches taken from the datamodule's train loader (None: all of them).
         seed: order of the training sequences.
-        sources: text to calibrate on instead of the search's (the datamodule's ``sources``: files, folders,
-            ``"bundled"``), drawn with the datamodule's tokenizer, ``seq_len`` and seed: calibrate on text like the
-            text the model will serve; what calibration gives back follows the domain of its text
-            (benchmarks/TUNING.md, "Router calibration").
+        sources: the calibration text, one or more of: ``"generated"`` (the default: sequences sampled from the
+            original model itself before removal, so calibration covers what the model was trained on rather
+            than one domain), ``"search"`` (the search's own calibration text), or the datamodule's kinds of
+            source (files, folders, ``"bundled"``), drawn with the datamodule's tokenizer, ``seq_len`` and seed.
+            What calibration gives back follows the domain of its text (benchmarks/TUNING.md, "Router
+            calibration"): give the text the model will serve where you have it.
         weights: share of the sequences from each of ``sources``.
-        num_samples: sequences drawn from ``sources`` (None: the datamodule's ``num_samples``).
+        num_samples: calibration sequences in all (None: the datamodule's ``num_samples``).
     """
 
     order = 20
@@ -51,19 +80,10 @@ class RouterCalibration(PruningStep):
     def __init__(self, groups: list[str] | None = None, steps: int = 300, lr: float = 3e-3,
                  temperature: float = 1.0, top_k_logits: int = 256, batch_size: int = 4, holdout: float = 0.125,
                  eval_every: int = 25, patience: int = 3, num_batches: int | None = None, seed: int = 0,
-                 sources: list[str] | str | None = None, weights: list[float] | None = None,
+                 sources: list[str] | str = "generated", weights: list[float] | None = None,
                  num_samples: int | None = None) -> None:
         super().__init__()
-        from diep_lightning.sampling import _check_args
-
-        if sources is None and (weights is not None or num_samples is not None):
-            raise ValueError(f"{'weights' if weights is not None else 'num_samples'}: applies to the callback's own "
-                             "sources; give sources too (or set them on the datamodule)")
-        if sources is not None:  # files that are not there or not text: refused before the model loads
-            self.sources, self.weights = _check_args(sources, weights, 1 if num_samples is None else num_samples, 1, 0,
-                                                     "concat", "text")
-        else:
-            self.sources = self.weights = None
+        self.sources, self.weights = check_text(sources, weights, num_samples)
         self.num_samples = num_samples
         self.settings = RouterCalibrationSettings(
             groups=RouterCalibrationSettings.groups if groups is None else groups, steps=steps, lr=lr,
@@ -89,31 +109,53 @@ class RouterCalibration(PruningStep):
         if family is not None:
             self.settings.check_family(family)
 
-    def batches(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
-        """Every calibration sequence (``num_batches`` of the loader's batch size, if set), in sample order and on
-        every rank alike: under DDP/FSDP2 a rank's own loader holds only its share, and rank 0 calibrates alone."""
-        from diep_lightning.data import first_batches
-
+    def batches(self, trainer: pl.Trainer, model: Any = None) -> list[dict[str, Any]]:
+        """Every calibration sequence, in a seeded order and on every rank alike (under DDP/FSDP2 a rank's own
+        loader holds only its share, and rank 0 calibrates alone). ``model``: the original model, before removal,
+        which ``"generated"`` samples from."""
         datamodule = trainer.datamodule
-        if self.sources is not None:
-            tokens = self.own_tokens(datamodule)
-        elif not hasattr(datamodule, "calibration_tokens"):
-            return first_batches(datamodule, self.num_batches or 10**9)
-        else:
-            tokens = datamodule.calibration_tokens()
-        if self.num_batches is not None:
-            tokens = tokens[: self.num_batches * datamodule.batch_size]
+        search = self.search_tokens(datamodule)
+        total = self.num_samples or search.shape[0]
+        seq_len = getattr(datamodule, "seq_len", None) or search.shape[1]
+        seed = getattr(datamodule, "seed", 0)
+        parts = []
+        for source, count in zip(self.sources, _allocate(total, self.weights)):
+            if count == 0:
+                continue
+            if source == "generated":
+                start = start_token(model, getattr(datamodule, "tokenizer", None))
+                starts = search[torch.arange(count) % search.shape[0], 0] if start is None else start
+                parts.append(sample_sequences(model, count, seq_len, starts, seed=seed))
+            elif source == "search":
+                parts.append(search[:count])
+        files = [(s, w) for s, w in zip(self.sources, self.weights) if s not in TEXT_KEYWORDS]
+        if files:
+            count = sum(c for s, c in zip(self.sources, _allocate(total, self.weights)) if s not in TEXT_KEYWORDS)
+            parts.append(self.own_tokens(datamodule, [s for s, _ in files], [w for _, w in files], count, seq_len))
+        tokens = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if len(parts) > 1:  # the held-out tail draws from every source
+            tokens = tokens[torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))]
         return [{"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}]
 
-    def own_tokens(self, datamodule: Any) -> torch.Tensor:
-        """``(num_samples, seq_len)`` sequences from the callback's ``sources``, with the datamodule's tokenizer."""
+    def search_tokens(self, datamodule: Any) -> torch.Tensor:
+        """The search's calibration sequences (``num_batches`` of the loader's batch size, if set)."""
+        from diep_lightning.data import first_batches
+
+        if hasattr(datamodule, "calibration_tokens"):
+            tokens = datamodule.calibration_tokens()
+        else:
+            tokens = torch.cat([b["input_ids"] for b in first_batches(datamodule, self.num_batches or 10**9)])
+        return tokens[: self.num_batches * datamodule.batch_size] if self.num_batches is not None else tokens
+
+    def own_tokens(self, datamodule: Any, sources: list[str], weights: list[float], num_samples: int,
+                   seq_len: int) -> torch.Tensor:
+        """``(num_samples, seq_len)`` sequences from text ``sources``, with the datamodule's tokenizer."""
         from diep_lightning.data import CalibrationDataModule
 
         if not hasattr(datamodule, "tokenizer"):
             raise ValueError("sources: RouterCalibration draws its own text with the CalibrationDataModule's tokenizer; "
                              "use that datamodule")
-        own = CalibrationDataModule(sources=self.sources, weights=self.weights,
-                                    num_samples=self.num_samples or datamodule.num_samples, seq_len=datamodule.seq_len,
+        own = CalibrationDataModule(sources=sources, weights=weights, num_samples=num_samples, seq_len=seq_len,
                                     batch_size=datamodule.batch_size, seed=datamodule.seed,
                                     text_field=datamodule.text_field)
         own.set_tokenizer(datamodule.tokenizer)
@@ -121,12 +163,13 @@ class RouterCalibration(PruningStep):
 
     def on_experts_selected(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                             plan: PruningPlan) -> None:
-        self.teacher = capture_teacher(model, self.batches(trainer), self.settings)
+        self.teacher = capture_teacher(model, self.batches(trainer, model), self.settings)
 
     def on_experts_removed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: Any,
                            plan: PruningPlan) -> None:
         plan.router_calibration = self.record = self.calibrate(trainer, model)
-        self.record["sources"] = list(self.sources) if self.sources is not None else "the search's calibration text"
+        self.record["sources"] = list(self.sources)
+        self.record["source_weights"] = list(self.weights)
         self.teacher = None  # the teacher's logits are not needed any more
         kl = (self.record["heldout_kl_before"], self.record["heldout_kl_after"])
         print(f"[diep_lightning] routers calibrated ({self.record['parameters']:,} parameters, "

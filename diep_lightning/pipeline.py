@@ -58,7 +58,10 @@ def prune(model: nn.Module, scores: Sequence[torch.Tensor] | None, sparsity: flo
     calibrate skipping on the result when ``skip``.
 
     Merging, router calibration and skipping need calibration ``batches`` (dicts with ``input_ids``/
-    ``attention_mask``); router calibration uses ``router_batches`` instead when given (it wants more text)."""
+    ``attention_mask``); router calibration uses ``router_batches`` instead when given (it wants more text).
+    ``RouterCalibration``'s default text is the model's own samples, drawn before this call changes it:
+    ``router_batches=[{"input_ids": sample_sequences(model, 128, 256, start_token(model))}]``
+    (:mod:`diep_lightning.router_calibration`)."""
     settings = settings_from(calibrate_router)
     if settings is not None:
         settings.check_family(get_family(model))

@@ -63,6 +63,11 @@ def plot_plan(plan: PruningPlan, spec_counts: list[int], directory: Path, method
     return figures
 
 
+def _text_name(source: Any) -> str:
+    return {"generated": "generated (text sampled from the source model)",
+            "search": "search (the search's calibration text)"}.get(str(source), str(source))
+
+
 def model_card(source: str, plan: PruningPlan, counts: list[int], before: dict[str, int], after: dict[str, int],
                 uniform: bool, method: str) -> str:
     """The export's README.md: source, method, sizes before and after, experts kept per layer, how to load it."""
@@ -73,7 +78,8 @@ def model_card(source: str, plan: PruningPlan, counts: list[int], before: dict[s
     cal = plan.router_calibration
     router = (f"yes ({', '.join(cal['settings']['groups'])}; {cal['parameters']:,} parameters, {cal['steps_run']} "
               f"steps; held-out KL to the source model {cal['heldout_kl_before']:.4f} -> {cal['heldout_kl_after']:.4f}"
-              + (f"; on {', '.join(map(str, cal['sources']))}" if isinstance(cal.get("sources"), list) else "") + ")"
+              + (f"; on {', '.join(map(_text_name, cal['sources']))}" if isinstance(cal.get("sources"), list) else "")
+              + ")"
               if cal else "no")
     return f"""---
 library_name: transformers

@@ -150,6 +150,62 @@ def capture_teacher(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     return TeacherTargets(ids, mask, torch.cat(values), torch.cat(indices), torch.cat(lse), tau)
 
 
+def start_token(model: nn.Module, tokenizer: Any = None) -> int | None:
+    """The token a document follows in training: BOS, else EOS (the separator of packed documents)."""
+    for holder in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(holder, name, None) if holder is not None else None
+            value = value[0] if isinstance(value, (list, tuple)) and value else value
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def _cache_names(model: nn.Module) -> tuple[str, str]:
+    """(forward's keyword, output's attribute) of the KV cache: ``cache`` in newer transformers 5.x, else
+    ``past_key_values``."""
+    import inspect
+
+    return ("cache", "cache") if "cache" in inspect.signature(model.forward).parameters else (
+        "past_key_values", "past_key_values")
+
+
+@torch.no_grad()
+def sample_sequences(model: nn.Module, num_samples: int, seq_len: int, start: int | torch.Tensor, seed: int = 0,
+                     temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
+    """``(num_samples, seq_len)`` token ids sampled from ``model`` itself, each opening with its ``start`` token.
+
+    Calibration text for the routers drawn from the original model, before removal: it covers what the model
+    was trained on rather than one domain (benchmarks/TUNING.md, "Router calibration"). ``start``: one token id
+    for every sequence or one per sequence. Sampling is plain ancestral sampling at ``temperature``, seeded.
+    """
+    for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+    starts = torch.as_tensor(start, dtype=torch.long).reshape(-1).expand(num_samples) if torch.as_tensor(
+        start).numel() == 1 else torch.as_tensor(start, dtype=torch.long).reshape(-1)
+    if starts.numel() != num_samples:
+        raise ValueError(f"start: one token id or one per sequence ({num_samples}), got {starts.numel()}")
+    device, generator = _device(model), torch.Generator().manual_seed(seed)
+    training = model.training
+    model.eval()  # PhiMoE routes at random in train mode
+    out = []
+    try:
+        for first in range(0, num_samples, batch_size):
+            tokens = starts[first:first + batch_size, None].clone()
+            cache, step_input = {}, tokens
+            for _ in range(seq_len - 1):
+                result = model(input_ids=step_input.to(device), use_cache=True, **cache)
+                cache = {name: getattr(result, attr) for name, attr in (_cache_names(model),)}
+                probs = torch.softmax(result.logits[:, -1].float().cpu() / temperature, dim=-1)
+                step_input = torch.multinomial(probs, 1, generator=generator)
+                tokens = torch.cat([tokens, step_input], dim=1)
+            out.append(tokens)
+    finally:
+        model.train(training)
+    return torch.cat(out)
+
+
 def topk_kl(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
             mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Mean over unmasked tokens of KL(teacher || student) over the teacher's top-k ids plus one tail bucket.

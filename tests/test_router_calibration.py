@@ -155,18 +155,49 @@ def test_pruning_steps_run_in_the_pipelines_order_whatever_the_list_order():
 
 
 def test_the_callback_calibrates_on_its_own_sources_with_the_datamodules_tokenizer(tmp_path):
-    """``sources`` replaces the search's text for calibration only: the sequences come from the given file, cut by
-    the datamodule's tokenizer and seq_len, and the record says which text it was."""
+    """``sources`` replaces the default text: sequences from a file are cut by the datamodule's tokenizer and
+    seq_len; "search" is the search's own text; a mix draws each share and shuffles it (the held-out tail draws
+    from every source)."""
+    from types import SimpleNamespace
+
     from diep_lightning.callbacks import RouterCalibration
     from diep_lightning.data import CalibrationDataModule
 
     serving = tmp_path / "serving.txt"
     serving.write_text("The zebra crossed the quartz river at dawn. " * 400)
     datamodule = CalibrationDataModule(tokenizer="models/tiny-mixtral", num_samples=8, seq_len=32, batch_size=4)
-    callback = RouterCalibration(sources=[str(serving)], num_samples=3)
-    tokens = callback.own_tokens(datamodule)
+    trainer = SimpleNamespace(datamodule=datamodule)
+    [batch] = RouterCalibration(sources=[str(serving)], num_samples=3).batches(trainer)
+    tokens = batch["input_ids"]
     assert tuple(tokens.shape) == (3, 32)
     text = datamodule.tokenizer.decode(tokens[0])
     assert "zebra" in text and "quartz" in text
-    assert not torch.equal(tokens, datamodule.calibration_tokens()[:3])
-    assert RouterCalibration().sources is None
+    search = datamodule.calibration_tokens()
+    assert torch.equal(RouterCalibration(sources="search").batches(trainer)[0]["input_ids"], search)
+    [mixed] = RouterCalibration(sources=["search", str(serving)], weights=[3, 1]).batches(trainer)
+    rows = {tuple(r.tolist()) for r in mixed["input_ids"]}
+    assert len(mixed["input_ids"]) == 8 and len(rows & {tuple(r.tolist()) for r in search}) == 6
+    assert RouterCalibration().sources == ["generated"]
+
+
+def test_generated_text_is_the_models_own_seeded_samples_and_the_cache_changes_nothing():
+    """``sample_sequences`` with the KV cache draws the same tokens as recomputing every prefix would, for
+    every family, and the same seed gives the same text."""
+    from diep_lightning.router_calibration import sample_sequences, start_token
+
+    for model_type in sorted(TINY_CONFIGS):
+        model = tiny_model(model_type)
+        start = start_token(model)
+        start = 1 if start is None else start
+        tokens = sample_sequences(model, 3, 10, start, seed=5, batch_size=2)
+        assert tokens.shape == (3, 10) and bool((tokens[:, 0] == start).all()), model_type
+        assert torch.equal(tokens, sample_sequences(model, 3, 10, start, seed=5, batch_size=2))
+        generator, slow = torch.Generator().manual_seed(5), []
+        with torch.no_grad():
+            for first in range(0, 3, 2):  # without the cache: the whole prefix every step
+                x = torch.full((min(2, 3 - first), 1), start)
+                for _ in range(9):
+                    probs = torch.softmax(model(input_ids=x, use_cache=False).logits[:, -1].float(), -1)
+                    x = torch.cat([x, torch.multinomial(probs, 1, generator=generator)], 1)
+                slow.append(x)
+        assert torch.equal(tokens, torch.cat(slow)), model_type
