@@ -10,6 +10,15 @@ from benchmarks.rows import CALIBRATED_BASE, CALIBRATED_ROWS
 RECOVERY_TARGET = {"fine": 0.5, "top2": 0.3}
 
 
+def _text(cal_row: str, entries: list[dict]) -> str:
+    """What the row calibrated on: the default (text sampled from the model) where its entries record it; the
+    rows measured before that default record no text and used the search's C4 text."""
+    if cal_row == "diep_domain_cal":
+        return "WikiText-2 validation"
+    recorded = {tuple(e["router_calibration"].get("sources") or ()) for e in entries if "router_calibration" in e}
+    return "generated" if recorded == {("generated",)} else "the search's C4 text"
+
+
 def _config_top_k(name: str) -> int | None:
     """Top-k of a shipped model, for results recorded before runs stored it."""
     import json
@@ -53,9 +62,11 @@ def recovery_section(results: dict[str, Any]) -> list[str]:
              "Each `<method>_cal` row is the same pruning followed by `RouterCalibration`'s defaults (routers trained "
              "to match the full model's next-token distribution on the calibration text, held-out early stopping). "
              "Gap recovered: (pruned - calibrated) / (pruned - full) of WikiText-2 word perplexity, text the "
-             "calibration never saw; the calibration text is C4 (web text), except for `diep (on WikiText-2 validation)`: "
-             "DiEP's plan calibrated on WikiText-2's validation split, the evaluation's own domain (its test articles "
-             "stay unseen), as a user who calibrates on the text they serve. Verdicts: 95% paired bootstrap over "
+             "calibration never saw. The method column names the calibration text: `generated` (the default: "
+             "sequences sampled from the full model before removal), `the search's C4 text` (the earlier default; "
+             "rows that record no text were measured with it), `WikiText-2 validation` (DiEP's plan calibrated on "
+             "the evaluation's own domain, its test articles unseen, as a user who calibrates on the text they "
+             "serve). Verdicts: 95% paired bootstrap over "
              "articles / pairs, calibrated against uncalibrated (perplexity ratio < 1 and BLiMP points > 0 are "
              "better).", "",
              "| model | sparsity | method | perplexity x full: pruned -> calibrated | gap recovered | perplexity ratio "
@@ -79,8 +90,7 @@ def recovery_section(results: dict[str, Any]) -> list[str]:
                 kl_cell = (f"{sum(r['heldout_kl_before'] for r in kl) / len(kl):.4f} -> "
                            f"{sum(r['heldout_kl_after'] for r in kl) / len(kl):.4f}" if kl else "n/a")
                 secs = f"{sum(r['seconds'] for r in kl) / len(kl):.0f}" if kl else "n/a"
-                label = {"diep_domain_cal": f"{base_row} (on WikiText-2 validation)",
-                         "diep_search_cal": f"{base_row} (on the search's C4 text)"}.get(cal_row, base_row)
+                label = f"{base_row} ({_text(cal_row, cal)})"
                 lines.append(f"| {name} | {float(sparsity):.0%} | {label} | {p_base / full['kit_wikitext2']:.3f} -> "
                              f"{p_cal / full['kit_wikitext2']:.3f} | {gap:.0%} | "
                              f"{_cell('kit_wikitext2', ppl, run.LOWER_IS_BETTER)} | "

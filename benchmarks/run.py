@@ -220,6 +220,9 @@ def prune(model_dir: str, scores: list[torch.Tensor], sparsity: float, mode: str
         router_batches = first_batches(datamodule if router_data == "search" else router_data, 10**9)
     pruned = prune_model(model, scores, sparsity, mode, batches=batches, merge=merge or None, skip=skip,
                          calibrate_router=calibrate or None, router_batches=router_batches)
+    if calibrate:  # which text, as RouterCalibration records it
+        pruned.plan.router_calibration["sources"] = (["generated"] if router_data is None else ["search"]
+                                                     if router_data == "search" else list(router_data.sources))
     return pruned.model, pruned.plan, pruned.after, pruned.skipping
 
 
