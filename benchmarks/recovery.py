@@ -10,7 +10,7 @@ from benchmarks.rows import CALIBRATED_BASE, CALIBRATED_ROWS
 RECOVERY_TARGET = {"fine": 0.5, "top2": 0.3}
 
 
-def _text(cal_row: str, entries: list[dict]) -> str:
+def calibration_text(cal_row: str, entries: list[dict]) -> str:
     """What the row calibrated on: the default (text sampled from the model) where its entries record it; the
     rows measured before that default record no text and used the search's C4 text."""
     if cal_row == "diep_domain_cal":
@@ -90,7 +90,7 @@ def recovery_section(results: dict[str, Any]) -> list[str]:
                 kl_cell = (f"{sum(r['heldout_kl_before'] for r in kl) / len(kl):.4f} -> "
                            f"{sum(r['heldout_kl_after'] for r in kl) / len(kl):.4f}" if kl else "n/a")
                 secs = f"{sum(r['seconds'] for r in kl) / len(kl):.0f}" if kl else "n/a"
-                label = f"{base_row} ({_text(cal_row, cal)})"
+                label = f"{base_row} ({calibration_text(cal_row, cal)})"
                 lines.append(f"| {name} | {float(sparsity):.0%} | {label} | {p_base / full['kit_wikitext2']:.3f} -> "
                              f"{p_cal / full['kit_wikitext2']:.3f} | {gap:.0%} | "
                              f"{_cell('kit_wikitext2', ppl, run.LOWER_IS_BETTER)} | "

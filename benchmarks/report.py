@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.recovery import recovery_section
+from benchmarks.recovery import calibration_text, recovery_section
 from benchmarks.rows import (ALLOCATORS, COMPARED, HEADLINE, LABELS, LOWER_IS_BETTER, TASKS)  # noqa: F401
 from benchmarks.sections import kept_sections, today_section
 
@@ -184,11 +184,13 @@ def targets_section(results: dict[str, Any]) -> list[str]:
                     return "; ".join(f"{v} than {', '.join(p)}" if v != "within noise" else f"within noise of {', '.join(p)}"
                                      for v, p in sorted(by_verdict.items())) or "no paired figures"
 
+                # merging + calibration against pruning + calibration on the same calibration text
+                same_text = ("diep_cal" if calibration_text("diep_merge_cal", res["quality"].get(
+                    "diep_merge_cal", {}).get(sparsity, [])) == "generated" else "diep_search_cal")
                 checks.append(f"- {name} {float(sparsity):.0%}: on perplexity DiEP is {grouped('kit_wikitext2')}. "
                               f"On BLiMP: {grouped('kit_blimp')}"
                               + same_plan_sentence(res, sparsity, "diep_merge", "diep", "Merging")
-                              + same_plan_sentence(res, sparsity, "diep_merge_cal", "diep_cal",
-                                                   "Merging + calibration")
+                              + same_plan_sentence(res, sparsity, "diep_merge_cal", same_text, "Merging + calibration")
                               + ".")
             seed0 = {m: e[0]["metrics"].get("kit_blimp") for m, e in
                      ((m, res["quality"].get(m, {}).get(sparsity, [])) for m in ("diep", "diep_skip")) if e and "metrics" in e[0]}

@@ -38,7 +38,7 @@ def test_benchmark_smoke(tiny_mixtral_dir, tmp_path):
     assert set(bench.CALIBRATED_ROWS) <= set(res["quality"])
     recorded = res["quality"]["diep_cal"]["0.5"][0]["router_calibration"]
     assert recorded["heldout_kl_after"] <= recorded["heldout_kl_before"] and recorded["steps_run"] >= 1
-    assert "## Router calibration: what it gives back" in report and "| evo | " in report.split("gives back")[1]
+    assert "## Router calibration: what it gives back" in report and "| evo (generated) | " in report.split("gives back")[1]
     assert "the calibration stage takes" in report
     # each document's figure is kept, so DiEP is compared with every method on the same documents
     pairs = res["full"]["per_document"]["kit_blimp"]
