@@ -27,6 +27,9 @@ def check_text(sources: list[str] | str, weights: list[float] | None, num_sample
                                     or num_samples < 2):
         raise ValueError(f"num_samples: must be an integer >= 2 (one sequence is held out), got {num_samples!r}")
     sources = normalize_sources(sources)
+    twice = next((s for i, s in enumerate(sources) if s in sources[:i]), None)
+    if twice is not None:
+        raise ValueError(f"sources: {twice!r} is listed twice; list each source once and set its share with weights")
     if weights is None:
         weights = [1.0] * len(sources)
     weights = [weights] if isinstance(weights, (int, float)) else list(weights)
@@ -113,25 +116,26 @@ class RouterCalibration(PruningStep):
         """Every calibration sequence, in a seeded order and on every rank alike (under DDP/FSDP2 a rank's own
         loader holds only its share, and rank 0 calibrates alone). ``model``: the original model, before removal,
         which ``"generated"`` samples from."""
+        from diep_lightning.data import first_batches
+
         datamodule = trainer.datamodule
+        if self.sources == ["search"] and not hasattr(datamodule, "calibration_tokens"):
+            return first_batches(datamodule, self.num_batches or 10**9)  # a user's loader: its own masks
         search = self.search_tokens(datamodule)
-        total = self.num_samples or search.shape[0]
         seq_len = getattr(datamodule, "seq_len", None) or search.shape[1]
         seed = getattr(datamodule, "seed", 0)
+        counts = dict(zip(self.sources, _allocate(self.num_samples or search.shape[0], self.weights)))
         parts = []
-        for source, count in zip(self.sources, _allocate(total, self.weights)):
-            if count == 0:
-                continue
-            if source == "generated":
-                start = start_token(model, getattr(datamodule, "tokenizer", None))
-                starts = search[torch.arange(count) % search.shape[0], 0] if start is None else start
-                parts.append(sample_sequences(model, count, seq_len, starts, seed=seed))
-            elif source == "search":
-                parts.append(search[:count])
+        if counts.get("generated"):
+            start = start_token(model, getattr(datamodule, "tokenizer", None))
+            starts = search[torch.arange(counts["generated"]) % search.shape[0], 0] if start is None else start
+            parts.append(sample_sequences(model, counts["generated"], seq_len, starts, seed=seed))
+        if counts.get("search"):
+            parts.append(search[:counts["search"]])
         files = [(s, w) for s, w in zip(self.sources, self.weights) if s not in TEXT_KEYWORDS]
-        if files:
-            count = sum(c for s, c in zip(self.sources, _allocate(total, self.weights)) if s not in TEXT_KEYWORDS)
-            parts.append(self.own_tokens(datamodule, [s for s, _ in files], [w for _, w in files], count, seq_len))
+        if files and sum(counts[s] for s, _ in files):
+            parts.append(self.own_tokens(datamodule, [s for s, _ in files], [w for _, w in files],
+                                         sum(counts[s] for s, _ in files), seq_len))
         tokens = torch.cat(parts) if len(parts) > 1 else parts[0]
         if len(parts) > 1:  # the held-out tail draws from every source
             tokens = tokens[torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))]
