@@ -201,3 +201,5 @@ def test_generated_text_is_the_models_own_seeded_samples_and_the_cache_changes_n
                     x = torch.cat([x, torch.multinomial(probs, 1, generator=generator)], 1)
                 slow.append(x)
         assert torch.equal(tokens, torch.cat(slow)), model_type
+    half = sample_sequences(tiny_model("mixtral").to(torch.bfloat16), 2, 6, 1)  # bf16 weights, float32 sampling
+    assert half.shape == (2, 6) and half.dtype == torch.long and bool((half >= 0).all())
