@@ -182,8 +182,8 @@ def sample_sequences(model: nn.Module, num_samples: int, seq_len: int, start: in
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
-    starts = torch.as_tensor(start, dtype=torch.long).reshape(-1).expand(num_samples) if torch.as_tensor(
-        start).numel() == 1 else torch.as_tensor(start, dtype=torch.long).reshape(-1)
+    starts = torch.as_tensor(start, dtype=torch.long).reshape(-1)
+    starts = starts.expand(num_samples) if starts.numel() == 1 else starts
     if starts.numel() != num_samples:
         raise ValueError(f"start: one token id or one per sequence ({num_samples}), got {starts.numel()}")
     device, generator = _device(model), torch.Generator().manual_seed(seed)
