@@ -12,7 +12,7 @@ from diep_lightning.callbacks.step import PruningStep
 from diep_lightning.pruning import PruningPlan
 from diep_lightning.router_calibration import (RouterCalibrationSettings, TeacherTargets, calibrate_routers,
                                                capture_teacher, sample_sequences, start_token)
-from diep_lightning.sampling import _allocate
+from diep_lightning.sampling import _allocate, check_weights
 
 #: calibration sources that are not files: the original model's own samples, the search's text
 TEXT_KEYWORDS = ("generated", "search")
@@ -30,18 +30,10 @@ def check_text(sources: list[str] | str, weights: list[float] | None, num_sample
     twice = next((s for i, s in enumerate(sources) if s in sources[:i]), None)
     if twice is not None:
         raise ValueError(f"sources: {twice!r} is listed twice; list each source once and set its share with weights")
-    if weights is None:
-        weights = [1.0] * len(sources)
-    weights = [weights] if isinstance(weights, (int, float)) else list(weights)
-    if len(weights) != len(sources):
-        raise ValueError(f"weights: {len(weights)} entries for {len(sources)} sources {sources}; give one per source")
-    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf")
-           for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights: must be finite numbers >= 0 with a positive sum, got {weights}")
     for i, source in enumerate(sources):
         if source not in TEXT_KEYWORDS:  # files that are not there or not text
             check_source(source, i)
-    return sources, [float(w) / sum(weights) for w in weights]
+    return sources, check_weights(weights, sources)
 
 
 class RouterCalibration(PruningStep):

@@ -75,22 +75,20 @@ def _check_args(
     srcs = normalize_sources(sources)
     for i, src in enumerate(srcs):
         check_source(src, i)
+    return srcs, check_weights(weights, srcs)
+
+
+def check_weights(weights: Sequence[float] | float | None, sources: Sequence[str]) -> list[float]:
+    """One share per source, finite, >= 0 with a positive sum; returned normalised (None: equal shares)."""
     if weights is None:
-        w = [1.0] * len(srcs)
-    else:
-        if isinstance(weights, (int, float)):
-            weights = [weights]
-        w = [float(x) for x in weights]
-        if len(w) != len(srcs):
-            raise ValueError(
-                f"weights has {len(w)} entries but sources has {len(srcs)}; give one weight per source (or weights=None)"
-            )
-        if any(not np.isfinite(x) or x < 0 for x in w):
-            raise ValueError(f"weights must be finite and >= 0, got {w}; fix the negative/invalid entries")
-        if sum(w) <= 0:
-            raise ValueError(f"weights sum to 0 ({w}); give at least one positive weight")
-    total = sum(w)
-    return srcs, [x / total for x in w]
+        return [1.0 / len(sources)] * len(sources)
+    w = [float(x) for x in ([weights] if isinstance(weights, (int, float)) else weights)]
+    if len(w) != len(sources):
+        raise ValueError(f"weights: {len(w)} entries for {len(sources)} sources {list(sources)}; give one weight per "
+                         "source (or weights=None)")
+    if any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"weights: must be finite numbers >= 0 with a positive sum, got {w}")
+    return [x / sum(w) for x in w]
 
 
 def _allocate(n: int, weights: Sequence[float]) -> list[int]:
